@@ -1,0 +1,274 @@
+"""Every knob of koubou-mcp: its env var, its default and its validation, in one place.
+
+``Settings.from_env`` reads the environment once at start; CLI flags are applied on top with
+``Settings.with_overrides``. Everything downstream receives a ``Settings`` instance: nothing
+else reads the environment (except the worker's ``WORKER_ID``, read in ``cli.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+TASK_TYPES = ("general", "code")
+SANDBOX_MODES = ("read-only", "workspace-write", "danger-full-access")
+PRIORITY_MIN, PRIORITY_MAX = 1, 10
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use. The message names the setting and what is accepted."""
+
+
+@dataclass(frozen=True)
+class Knob:
+    """Documentation of one setting: its env var, CLI flag and help text."""
+
+    env: str
+    flag: str | None
+    help: str
+
+
+# The order here is the order of the README's configuration table.
+KNOBS: dict[str, Knob] = {
+    "home": Knob("KOUBOU_HOME", "--home", "directory for the database, logs and run files"),
+    "database_url": Knob(
+        "KOUBOU_DATABASE_URL", "--database-url",
+        "SQLAlchemy URL of the task store (sqlite:///… or postgresql+psycopg://…)",
+    ),
+    "ollama_url": Knob(
+        "KOUBOU_OLLAMA_URL", "--ollama-url", "base URL of the Ollama server (falls back to OLLAMA_HOST)"
+    ),
+    "general_model": Knob("KOUBOU_GENERAL_MODEL", None, "Ollama model for `general` tasks"),
+    "code_model": Knob("KOUBOU_CODE_MODEL", None, "model Codex uses for `code` tasks"),
+    "codex_bin": Knob("KOUBOU_CODEX_BIN", None, "the Codex CLI executable (name on PATH or path)"),
+    "codex_sandbox": Knob(
+        "KOUBOU_CODEX_SANDBOX", None,
+        "Codex sandbox: read-only, workspace-write, or danger-full-access (only when named)",
+    ),
+    "workdir": Knob("KOUBOU_WORKDIR", None, "directory Codex works in (its -C)"),
+    "code_timeout_s": Knob("KOUBOU_CODE_TIMEOUT", None, "default time limit of a `code` task, s"),
+    "general_timeout_s": Knob(
+        "KOUBOU_GENERAL_TIMEOUT", None, "default time limit of a `general` task, s"
+    ),
+    "max_timeout_s": Knob("KOUBOU_MAX_TIMEOUT", None, "largest time limit a task may ask for, s"),
+    "max_attempts": Knob("KOUBOU_MAX_ATTEMPTS", None, "runs of a task before it fails for good"),
+    "max_prompt_chars": Knob("KOUBOU_MAX_PROMPT_CHARS", None, "longest accepted prompt, characters"),
+    "lease_s": Knob(
+        "KOUBOU_LEASE", None, "seconds a claimed task stays reserved without a worker heartbeat"
+    ),
+    "heartbeat_s": Knob("KOUBOU_HEARTBEAT", None, "seconds between worker heartbeats"),
+    "poll_s": Knob("KOUBOU_POLL", None, "seconds an idle worker waits before looking again anyway"),
+    "retry_base_s": Knob("KOUBOU_RETRY_BASE", None, "first retry backoff after a transient error, s"),
+    "retry_max_s": Knob("KOUBOU_RETRY_MAX", None, "longest retry backoff, s"),
+    "min_workers": Knob("KOUBOU_MIN_WORKERS", "--min", "fewest workers the pool keeps"),
+    "max_workers": Knob("KOUBOU_MAX_WORKERS", "--max", "most workers the pool runs"),
+    "scale_up_threshold": Knob(
+        "KOUBOU_SCALE_UP_THRESHOLD", "--threshold", "pending tasks per worker before growing"
+    ),
+    "idle_timeout_s": Knob(
+        "KOUBOU_IDLE_TIMEOUT", "--idle-timeout", "seconds a worker idles before it is retired"
+    ),
+    "stats_interval_s": Knob(
+        "KOUBOU_STATS_INTERVAL", None, "seconds between statistics blocks in worker_pool.log"
+    ),
+    "drain_grace_s": Knob(
+        "KOUBOU_DRAIN_GRACE", None, "seconds a stopping worker may spend finishing its task"
+    ),
+    "sync_wait_s": Knob(
+        "KOUBOU_SYNC_WAIT", None, "default wait of a sync delegate_task before it returns, s"
+    ),
+    "log_level": Knob("KOUBOU_LOG_LEVEL", None, "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+def _default_home() -> Path:
+    return Path.cwd() / ".koubou"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration. Durations carry their unit in the name."""
+
+    home: Path = field(default_factory=_default_home)
+    database_url: str = ""  # empty means sqlite under home; resolved in __post_init__
+    ollama_url: str = "http://127.0.0.1:11434"
+    general_model: str = "gpt-oss:20b"
+    code_model: str = "gpt-oss:20b"
+    codex_bin: str = "codex"
+    codex_sandbox: str = "read-only"
+    workdir: Path = field(default_factory=Path.cwd)
+    code_timeout_s: float = 120.0
+    general_timeout_s: float = 60.0
+    max_timeout_s: float = 3600.0
+    max_attempts: int = 3
+    max_prompt_chars: int = 200_000
+    lease_s: float = 30.0
+    heartbeat_s: float = 1.0
+    poll_s: float = 1.0
+    retry_base_s: float = 2.0
+    retry_max_s: float = 60.0
+    min_workers: int = 1
+    max_workers: int = 5
+    scale_up_threshold: float = 2.0
+    idle_timeout_s: float = 30.0
+    stats_interval_s: float = 30.0
+    drain_grace_s: float = 30.0
+    sync_wait_s: float = 60.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            object.__setattr__(
+                self, "database_url", f"sqlite:///{self.home / 'db' / 'koubou.db'}"
+            )
+        self.validate()
+
+    # -- derived paths -------------------------------------------------------------------
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def worker_logs_dir(self) -> Path:
+        return self.home / "logs" / "workers"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def timeout_for(self, task_type: str) -> float:
+        return self.code_timeout_s if task_type == "code" else self.general_timeout_s
+
+    def model_for(self, task_type: str) -> str:
+        return self.code_model if task_type == "code" else self.general_model
+
+    # -- validation ----------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting that is out of bounds."""
+
+        def need(cond: bool, name: str, what: str) -> None:
+            if not cond:
+                raise ConfigError(f"{_describe(name)} {what} (got {getattr(self, name)!r})")
+
+        need(self.database_url.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql"),
+             "database_url", "must start with sqlite:/// or postgresql+psycopg://")
+        parsed = urlparse(self.ollama_url)
+        need(parsed.scheme in ("http", "https") and bool(parsed.netloc), "ollama_url",
+             "must be an http(s) URL such as http://127.0.0.1:11434")
+        for name in ("general_model", "code_model", "codex_bin"):
+            need(bool(getattr(self, name).strip()), name, "must not be empty")
+        need(self.codex_sandbox in SANDBOX_MODES, "codex_sandbox",
+             f"must be one of {', '.join(SANDBOX_MODES)}")
+        for name in ("code_timeout_s", "general_timeout_s", "max_timeout_s", "lease_s",
+                     "heartbeat_s", "poll_s", "retry_base_s", "retry_max_s", "scale_up_threshold",
+                     "stats_interval_s", "sync_wait_s"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value > 0, name, "must be a positive number")
+        for name in ("idle_timeout_s", "drain_grace_s"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value >= 0, name, "must be zero or a positive number")
+        need(self.code_timeout_s <= self.max_timeout_s and
+             self.general_timeout_s <= self.max_timeout_s, "max_timeout_s",
+             "must be at least the code and general timeouts")
+        need(self.heartbeat_s * 3 <= self.lease_s, "lease_s",
+             "must be at least three heartbeats long (KOUBOU_HEARTBEAT x 3)")
+        need(1 <= self.max_attempts <= 100, "max_attempts", "must be an integer from 1 to 100")
+        need(1 <= self.max_prompt_chars <= 10_000_000, "max_prompt_chars",
+             "must be an integer from 1 to 10000000")
+        need(0 <= self.min_workers <= 256, "min_workers", "must be an integer from 0 to 256")
+        need(1 <= self.max_workers <= 256, "max_workers", "must be an integer from 1 to 256")
+        need(self.min_workers <= self.max_workers, "min_workers",
+             f"must not exceed the maximum ({self.max_workers})")
+        need(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+             "must be DEBUG, INFO, WARNING or ERROR")
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from environment variables, then apply keyword overrides (CLI flags).
+
+        Unset or empty variables keep the default. Raises ConfigError on the first bad value.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for name, knob in KNOBS.items():
+            raw = env.get(knob.env, "").strip()
+            if name == "ollama_url" and not raw:
+                raw = _ollama_host_to_url(env.get("OLLAMA_HOST", "").strip())
+            if raw:
+                values[name] = _parse(name, raw, str(types[name]))
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            if name not in KNOBS:
+                raise ConfigError(f"unknown setting {name!r}")
+            values[name] = (_parse(name, value, str(types[name]))
+                            if isinstance(value, str) and str(types[name]) != "str" else value)
+        if "home" in values:
+            values["home"] = Path(values["home"]).expanduser().absolute()
+        if "workdir" in values:
+            values["workdir"] = Path(values["workdir"]).expanduser().absolute()
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with some settings replaced (None means keep), validated again."""
+        kept = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **kept)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes a child process see exactly these settings."""
+        out: dict[str, str] = {}
+        for name, knob in KNOBS.items():
+            value = getattr(self, name)
+            out[knob.env] = str(value)
+        return out
+
+
+def _describe(name: str) -> str:
+    knob = KNOBS.get(name)
+    if knob is None:
+        return name
+    return f"{knob.env}" + (f" ({knob.flag})" if knob.flag else "")
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": float}
+
+
+def _parse(name: str, raw: str, type_name: str) -> Any:
+    if type_name in _PARSERS:
+        try:
+            value = _PARSERS[type_name](raw)
+        except ValueError:
+            kind = "an integer" if type_name == "int" else "a number"
+            raise ConfigError(f"{_describe(name)} must be {kind} (got {raw!r})") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_describe(name)} must be a finite number (got {raw!r})")
+        return value
+    if name == "log_level":
+        return raw.upper()
+    return raw
+
+
+def _ollama_host_to_url(host: str) -> str:
+    """OLLAMA_HOST may be ``0.0.0.0``, ``host:port`` or a full URL, as Ollama itself accepts."""
+    if not host:
+        return ""
+    if "://" not in host:
+        host = "http://" + host
+    parsed = urlparse(host)
+    hostname = parsed.hostname or "127.0.0.1"
+    if hostname == "0.0.0.0":  # a listen address, not somewhere to connect to  # noqa: S104
+        hostname = "127.0.0.1"
+    port = parsed.port or 11434
+    return f"{parsed.scheme}://{hostname}:{port}"

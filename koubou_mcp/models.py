@@ -1,0 +1,109 @@
+"""The tables of the task store, named and shaped as in the seed so its monitoring SQL works.
+
+Timestamps are naive UTC datetimes. On SQLite they are stored as ``YYYY-MM-DD HH:MM:SS.ffffff``,
+which SQLite's date functions read, so ``last_heartbeat > datetime('now', '-1 minute')`` and
+``julianday(updated_at)`` from the seed give correct answers.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import Column, DateTime, Index, Text
+from sqlmodel import Field, SQLModel
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    """Now, as the naive UTC datetime the store keeps. Only outer loops call this."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class TaskStatus(StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+class TaskType(StrEnum):
+    GENERAL = "general"
+    CODE = "code"
+
+
+class WorkerStatus(StrEnum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    STOPPING = "stopping"
+    OFFLINE = "offline"
+
+
+class Task(SQLModel, table=True):
+    """One delegated task. ``task_master`` is the seed's name for this table."""
+
+    __tablename__ = "task_master"
+    __table_args__ = (
+        # The claim scans pending tasks by priority then age; this index serves it.
+        Index("ix_task_master_claim", "status", "priority", "created_at"),
+        Index("ix_task_master_worker", "worker_id", "status"),
+        Index("ix_task_master_idempotency", "idempotency_key"),
+    )
+
+    task_id: str = Field(primary_key=True, max_length=64)
+    type: str = Field(max_length=16)
+    prompt: str = Field(sa_column=Column(Text, nullable=False))
+    status: str = Field(default=TaskStatus.PENDING, max_length=16)
+    priority: int = Field(default=5)
+    result: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    #: short label of the last error (``busy``, ``timeout``, ``worker_lost``...), for stats
+    error_kind: str | None = Field(default=None, max_length=32)
+    attempts: int = Field(default=0)
+    max_attempts: int = Field(default=3)
+    timeout_s: float = Field(default=60.0)
+    #: the worker that holds (or last held) the task
+    worker_id: str | None = Field(default=None, max_length=128)
+    lease_expires_at: datetime | None = Field(default=None, sa_type=DateTime)
+    #: a retried task is not claimed before this time (backoff)
+    not_before: datetime | None = Field(default=None, sa_type=DateTime)
+    cancel_requested: bool = Field(default=False)
+    idempotency_key: str | None = Field(default=None, max_length=200)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime)
+    started_at: datetime | None = Field(default=None, sa_type=DateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=DateTime)
+
+
+class Worker(SQLModel, table=True):
+    """One worker process, as it reports itself. Rows of stopped workers stay as ``offline``."""
+
+    __tablename__ = "workers"
+
+    worker_id: str = Field(primary_key=True, max_length=128)
+    status: str = Field(default=WorkerStatus.STARTING, max_length=16)
+    current_task: str | None = Field(default=None, max_length=64)
+    tasks_completed: int = Field(default=0)
+    tasks_failed: int = Field(default=0)
+    host: str = Field(default="", max_length=255)
+    pid: int | None = Field(default=None)
+    last_heartbeat: datetime = Field(default_factory=utcnow, sa_type=DateTime)
+    #: when the worker last became idle; the supervisor retires it after idle_timeout
+    idle_since: datetime | None = Field(default=None, sa_type=DateTime)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime)
+    stopped_at: datetime | None = Field(default=None, sa_type=DateTime)
+
+
+class Meta(SQLModel, table=True):
+    """Key/value facts about the store itself, such as the schema version."""
+
+    __tablename__ = "koubou_meta"
+
+    key: str = Field(primary_key=True, max_length=64)
+    value: str = Field(max_length=255)

@@ -1,0 +1,651 @@
+"""Every operation on tasks and workers, each one short transaction, each with its SQL here.
+
+Callers pass ``now`` (naive UTC): the queue never reads the clock, so leases, backoff and
+expiry are tested by handing it a fake time. Guarantees:
+
+* ``claim_next`` is one atomic ``UPDATE … RETURNING`` (with ``FOR UPDATE SKIP LOCKED`` on
+  PostgreSQL): a task is held by one worker at a time, highest priority first, then oldest.
+* A claimed task carries a lease that the worker renews with ``heartbeat``. A lease that ran out
+  means the worker is gone: ``requeue_expired`` gives the task back (at-least-once).
+* Transient failures are retried with exponential backoff and jitter up to the task's
+  ``max_attempts``; permanent ones and timeouts fail at once.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, or_, select, text, update
+from sqlalchemy.sql.elements import ColumnElement
+
+from koubou_mcp.config import PRIORITY_MAX, PRIORITY_MIN, TASK_TYPES, Settings
+from koubou_mcp.models import FINAL_STATUSES, Task, TaskStatus, Worker, WorkerStatus
+from koubou_mcp.store import Store
+
+T = Task.__table__  # type: ignore[attr-defined]
+W = Worker.__table__  # type: ignore[attr-defined]
+
+MAX_IDEMPOTENCY_KEY = 200
+
+
+class InvalidTask(ValueError):
+    """Input a task cannot be made from. The message says what is wrong and what is accepted."""
+
+
+class TaskNotFound(LookupError):
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"no task with id {task_id!r}; list_tasks / `koubou-mcp tasks` shows ids")
+        self.task_id = task_id
+
+
+class TaskStateError(ValueError):
+    """The task exists but is in a state that does not allow the operation."""
+
+
+def new_task_id(now: datetime) -> str:
+    return f"task_{now:%Y%m%d_%H%M%S}_{secrets.token_hex(4)}"
+
+
+def new_worker_id(now: datetime) -> str:
+    return f"worker_{now:%Y%m%d_%H%M%S}_{secrets.token_hex(2)}"
+
+
+# -- enqueue ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """A validated request for a new task."""
+
+    prompt: str
+    type: str
+    priority: int
+    timeout_s: float
+    idempotency_key: str | None
+
+
+def validate_request(
+    settings: Settings,
+    prompt: Any,
+    type: Any = "general",
+    priority: Any = 5,
+    timeout_s: Any = None,
+    idempotency_key: Any = None,
+) -> TaskRequest:
+    """Check every field of a new task; raise InvalidTask naming the first bad one."""
+    if not isinstance(prompt, str):
+        raise InvalidTask(f"prompt must be a string, got {_type_name(prompt)}")
+    if not prompt.strip():
+        raise InvalidTask("prompt must not be empty or only whitespace")
+    if len(prompt) > settings.max_prompt_chars:
+        raise InvalidTask(
+            f"prompt is {len(prompt)} characters; the limit is {settings.max_prompt_chars} "
+            "(KOUBOU_MAX_PROMPT_CHARS). Split the work or send a file path instead."
+        )
+    if "\x00" in prompt:
+        raise InvalidTask("prompt contains a NUL character (\\x00); remove it")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidTask("prompt is not valid Unicode text (lone surrogate characters)") from None
+    if not isinstance(type, str) or type not in TASK_TYPES:
+        raise InvalidTask(f"type must be one of {', '.join(TASK_TYPES)}, got {type!r}")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        if isinstance(priority, float) and priority.is_integer():
+            priority = int(priority)
+        else:
+            raise InvalidTask(
+                f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {priority!r}"
+            )
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise InvalidTask(
+            f"priority must be from {PRIORITY_MIN} (lowest) to {PRIORITY_MAX} (highest), got {priority}"
+        )
+    if timeout_s is None:
+        timeout = settings.timeout_for(type)
+    else:
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
+            raise InvalidTask(f"timeout_s must be a number of seconds, got {_type_name(timeout_s)}")
+        timeout = float(timeout_s)
+        if not math.isfinite(timeout) or timeout <= 0 or timeout > settings.max_timeout_s:
+            raise InvalidTask(
+                f"timeout_s must be more than 0 and at most {settings.max_timeout_s:g} "
+                f"(KOUBOU_MAX_TIMEOUT), got {timeout_s!r}"
+            )
+    key = idempotency_key
+    if key is not None:
+        if not isinstance(key, str) or not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidTask(
+                f"idempotency_key must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY} "
+                f"characters, got {_short(key)}"
+            )
+        if "\x00" in key or not key.isprintable():
+            raise InvalidTask("idempotency_key must be printable text")
+    return TaskRequest(prompt, type, priority, timeout, key)
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    task: Task
+    #: False when an unfinished task with the same idempotency key was returned instead
+    created: bool
+
+
+def enqueue(store: Store, request: TaskRequest, settings: Settings, now: datetime) -> Enqueued:
+    """Store a new pending task and wake the workers.
+
+    With an idempotency key, an unfinished task carrying the same key is returned instead of a
+    new one (clients that retry a call do not create duplicates).
+    """
+    with store.write() as conn:
+        if request.idempotency_key is not None:
+            if store.is_postgres:
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
+                             {"k": request.idempotency_key})
+            existing = conn.execute(
+                select(T).where(
+                    T.c.idempotency_key == request.idempotency_key,
+                    T.c.status.not_in([s.value for s in FINAL_STATUSES]),
+                ).order_by(T.c.created_at.desc()).limit(1)
+            ).first()
+            if existing is not None:
+                return Enqueued(_task(existing), created=False)
+        values = {
+            "task_id": new_task_id(now),
+            "type": request.type,
+            "prompt": request.prompt,
+            "status": TaskStatus.PENDING.value,
+            "priority": request.priority,
+            "attempts": 0,
+            "max_attempts": settings.max_attempts,
+            "timeout_s": request.timeout_s,
+            "cancel_requested": False,
+            "idempotency_key": request.idempotency_key,
+            "created_at": now,
+            "updated_at": now,
+        }
+        row = conn.execute(T.insert().values(**values).returning(*T.c)).one()
+    store.notify_new_work()
+    return Enqueued(_task(row), created=True)
+
+
+# -- claiming and running -----------------------------------------------------------------
+
+def claim_next(store: Store, worker_id: str, now: datetime, lease_s: float) -> Task | None:
+    """Atomically take the best ready task for ``worker_id``, or None when there is none.
+
+    Best = highest priority, then oldest. Tasks waiting out a retry backoff are not ready.
+    The task's attempts go up by one and it gets a lease of ``lease_s`` seconds.
+    """
+    candidate = (
+        select(T.c.task_id)
+        .where(T.c.status == TaskStatus.PENDING.value, _ready(now))
+        .order_by(T.c.priority.desc(), T.c.created_at, T.c.task_id)
+        .limit(1)
+    )
+    if store.is_postgres:
+        candidate = candidate.with_for_update(skip_locked=True)
+    claim = (
+        update(T)
+        .where(T.c.task_id == candidate.scalar_subquery(), T.c.status == TaskStatus.PENDING.value)
+        .values(
+            status=TaskStatus.IN_PROGRESS.value,
+            worker_id=worker_id,
+            attempts=T.c.attempts + 1,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            started_at=now,
+            finished_at=None,
+            updated_at=now,
+        )
+        .returning(*T.c)
+    )
+    with store.write() as conn:
+        row = conn.execute(claim).first()
+        if row is None:
+            return None
+        conn.execute(
+            update(W).where(W.c.worker_id == worker_id).values(
+                status=WorkerStatus.BUSY.value, current_task=row.task_id,
+                last_heartbeat=now, idle_since=None,
+            )
+        )
+    return _task(row)
+
+
+class Beat(StrEnum):
+    """What a heartbeat learned about the task being worked on."""
+
+    OK = "ok"
+    CANCEL = "cancel"  # someone asked to cancel: stop and call mark_cancelled
+    LOST = "lost"  # the task is no longer ours (lease expired and someone else took it)
+
+
+def heartbeat(store: Store, worker_id: str, task_id: str | None, now: datetime,
+              lease_s: float) -> Beat:
+    """Record that ``worker_id`` is alive and, when it holds ``task_id``, extend its lease."""
+    with store.write() as conn:
+        conn.execute(update(W).where(W.c.worker_id == worker_id).values(last_heartbeat=now))
+        if task_id is None:
+            return Beat.OK
+        row = conn.execute(
+            update(T)
+            .where(T.c.task_id == task_id, T.c.worker_id == worker_id,
+                   T.c.status == TaskStatus.IN_PROGRESS.value)
+            .values(lease_expires_at=now + timedelta(seconds=lease_s))
+            .returning(T.c.cancel_requested)
+        ).first()
+    if row is None:
+        return Beat.LOST
+    return Beat.CANCEL if row.cancel_requested else Beat.OK
+
+
+def complete(store: Store, task_id: str, worker_id: str, result: str, now: datetime) -> bool:
+    """Record the result of a run. False (and nothing changes) when the task already ended.
+
+    A result is accepted even if the lease ran out meanwhile: the work is done, and keeping it
+    is better than running the task again. Whoever finishes first gives the one final result.
+    """
+    with store.write() as conn:
+        row = conn.execute(
+            update(T)
+            .where(T.c.task_id == task_id, T.c.status.not_in(_final()))
+            .values(status=TaskStatus.COMPLETED.value, result=result, error=None,
+                    error_kind=None, worker_id=worker_id, lease_expires_at=None,
+                    finished_at=now, updated_at=now)
+            .returning(T.c.task_id)
+        ).first()
+        _worker_done(conn, worker_id, now, completed=row is not None, failed=False)
+    return row is not None
+
+
+def fail(
+    store: Store,
+    task_id: str,
+    worker_id: str,
+    error: str,
+    now: datetime,
+    *,
+    kind: str = "error",
+    retry: bool = False,
+    backoff: tuple[float, float] = (2.0, 60.0),
+    jitter: float = 1.0,
+) -> Task | None:
+    """Record a failed run.
+
+    With ``retry`` (a transient error) and attempts left, the task goes back to ``pending`` and
+    is not claimed before ``base * 2**(attempts-1)`` seconds (capped at ``max``), scaled by
+    ``jitter`` in [0.5, 1]. Otherwise it ends ``failed``. Returns the task after the change, or
+    None when the task was no longer this worker's (nothing changes then).
+    """
+    base, cap = backoff
+    with store.write() as conn:
+        current = conn.execute(
+            select(T.c.attempts, T.c.max_attempts).where(
+                T.c.task_id == task_id, T.c.worker_id == worker_id,
+                T.c.status == TaskStatus.IN_PROGRESS.value,
+            )
+        ).first()
+        if current is None:
+            _worker_done(conn, worker_id, now, completed=False, failed=False)
+            return None
+        if retry and current.attempts < current.max_attempts:
+            delay = min(cap, base * 2 ** max(current.attempts - 1, 0)) * max(0.5, min(jitter, 1.0))
+            values: dict[str, Any] = {
+                "status": TaskStatus.PENDING.value,
+                "not_before": now + timedelta(seconds=delay),
+            }
+        else:
+            if retry:
+                error = f"{error} (gave up after {current.attempts} attempts)"
+            values = {"status": TaskStatus.FAILED.value, "finished_at": now}
+        row = conn.execute(
+            update(T).where(T.c.task_id == task_id)
+            .values(error=error, error_kind=kind, lease_expires_at=None, updated_at=now, **values)
+            .returning(*T.c)
+        ).one()
+        _worker_done(conn, worker_id, now, completed=False, failed=True)
+    if row.status == TaskStatus.PENDING.value:
+        store.notify_new_work()
+    return _task(row)
+
+
+def mark_cancelled(store: Store, task_id: str, worker_id: str, now: datetime) -> bool:
+    """The worker stopped a task whose cancel was requested: record it as ``cancelled``."""
+    with store.write() as conn:
+        row = conn.execute(
+            update(T)
+            .where(T.c.task_id == task_id, T.c.status.not_in(_final()))
+            .values(status=TaskStatus.CANCELLED.value, lease_expires_at=None,
+                    error="cancelled while running", error_kind="cancelled",
+                    finished_at=now, updated_at=now)
+            .returning(T.c.task_id)
+        ).first()
+        _worker_done(conn, worker_id, now, completed=False, failed=False)
+    return row is not None
+
+
+def release(store: Store, task_id: str, worker_id: str, now: datetime) -> bool:
+    """Give a task back unfinished (a worker told to stop now). The interrupted run is not
+    counted as an attempt."""
+    with store.write() as conn:
+        row = conn.execute(
+            update(T)
+            .where(T.c.task_id == task_id, T.c.worker_id == worker_id,
+                   T.c.status == TaskStatus.IN_PROGRESS.value)
+            .values(status=TaskStatus.PENDING.value, attempts=T.c.attempts - 1,
+                    lease_expires_at=None, updated_at=now)
+            .returning(T.c.task_id)
+        ).first()
+        _worker_done(conn, worker_id, now, completed=False, failed=False)
+    if row is not None:
+        store.notify_new_work()
+    return row is not None
+
+
+def cancel(store: Store, task_id: str, now: datetime) -> Task:
+    """Cancel a task. Pending: ``cancelled`` at once. Running: its worker is asked to stop
+    (it sees the request at its next heartbeat, within about a second) and records
+    ``cancelled``. Already cancelled: returned as is. Completed or failed: TaskStateError."""
+    with store.write() as conn:
+        row = conn.execute(select(T).where(T.c.task_id == task_id)).first()
+        if row is None:
+            raise TaskNotFound(task_id)
+        if row.status == TaskStatus.CANCELLED.value or (
+            row.status == TaskStatus.IN_PROGRESS.value and row.cancel_requested
+        ):
+            return _task(row)
+        if row.status in (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value):
+            raise TaskStateError(f"task {task_id} already {row.status}; there is nothing to cancel")
+        if row.status == TaskStatus.PENDING.value:
+            values: dict[str, Any] = {"status": TaskStatus.CANCELLED.value, "finished_at": now,
+                                      "cancel_requested": True, "error": "cancelled before it ran",
+                                      "error_kind": "cancelled"}
+        else:
+            values = {"cancel_requested": True}
+        row = conn.execute(
+            update(T).where(T.c.task_id == task_id).values(updated_at=now, **values)
+            .returning(*T.c)
+        ).one()
+    return _task(row)
+
+
+# -- recovery -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Recovered:
+    task_id: str
+    status: str
+
+
+def requeue_expired(store: Store, now: datetime) -> list[Recovered]:
+    """Give back tasks whose lease ran out (their worker died without saying so).
+
+    Each goes back to ``pending``, or to ``failed`` ("worker lost") once its attempts are used
+    up, or to ``cancelled`` when a cancel was pending.
+    """
+    return _recover(store, and_(T.c.status == TaskStatus.IN_PROGRESS.value,
+                                T.c.lease_expires_at < now), now, "lease expired")
+
+
+def requeue_worker(store: Store, worker_id: str, now: datetime, reason: str) -> list[Recovered]:
+    """Give back at once every task held by a worker known to be dead, and mark it offline."""
+    recovered = _recover(store, and_(T.c.status == TaskStatus.IN_PROGRESS.value,
+                                     T.c.worker_id == worker_id), now, reason)
+    mark_worker_offline(store, worker_id, now)
+    return recovered
+
+
+def _recover(store: Store, where: ColumnElement[bool], now: datetime,
+             reason: str) -> list[Recovered]:
+    out: list[Recovered] = []
+    with store.write() as conn:
+        base = update(T).where(where)
+        common = {"lease_expires_at": None, "updated_at": now}
+        for row in conn.execute(
+            base.where(T.c.cancel_requested.is_(True))
+            .values(status=TaskStatus.CANCELLED.value, finished_at=now,
+                    error=f"cancelled ({reason})", error_kind="cancelled", **common)
+            .returning(T.c.task_id, T.c.status)
+        ):
+            out.append(Recovered(row.task_id, row.status))
+        for row in conn.execute(
+            base.where(T.c.attempts >= T.c.max_attempts)
+            .values(status=TaskStatus.FAILED.value, finished_at=now, error_kind="worker_lost",
+                    error=f"worker lost ({reason}) on the last of its attempts", **common)
+            .returning(T.c.task_id, T.c.status)
+        ):
+            out.append(Recovered(row.task_id, row.status))
+        for row in conn.execute(
+            base.values(status=TaskStatus.PENDING.value, error_kind="worker_lost",
+                        error=f"worker lost ({reason}); retrying", **common)
+            .returning(T.c.task_id, T.c.status)
+        ):
+            out.append(Recovered(row.task_id, row.status))
+        if out:
+            conn.execute(
+                update(W).where(W.c.current_task.in_([r.task_id for r in out]))
+                .values(current_task=None)
+            )
+    if any(r.status == TaskStatus.PENDING.value for r in out):
+        store.notify_new_work()
+    return out
+
+
+# -- workers ------------------------------------------------------------------------------
+
+def register_worker(store: Store, worker_id: str, pid: int, now: datetime,
+                    host: str | None = None) -> None:
+    """Add (or revive) the ``workers`` row of a starting worker."""
+    host = host or socket.gethostname()
+    with store.write() as conn:
+        updated = conn.execute(
+            update(W).where(W.c.worker_id == worker_id).values(
+                status=WorkerStatus.STARTING.value, pid=pid, host=host, last_heartbeat=now,
+                current_task=None, idle_since=None, stopped_at=None,
+            )
+        ).rowcount
+        if not updated:
+            conn.execute(W.insert().values(
+                worker_id=worker_id, status=WorkerStatus.STARTING.value, pid=pid, host=host,
+                tasks_completed=0, tasks_failed=0, last_heartbeat=now, created_at=now,
+            ))
+
+
+def set_worker_status(store: Store, worker_id: str, status: WorkerStatus, now: datetime) -> None:
+    values: dict[str, Any] = {"status": status.value, "last_heartbeat": now}
+    if status == WorkerStatus.IDLE:
+        values.update(idle_since=now, current_task=None)
+    with store.write() as conn:
+        conn.execute(
+            update(W).where(W.c.worker_id == worker_id,
+                            W.c.status != WorkerStatus.OFFLINE.value).values(**values)
+        )
+
+
+def mark_worker_offline(store: Store, worker_id: str, now: datetime) -> None:
+    with store.write() as conn:
+        conn.execute(
+            update(W).where(W.c.worker_id == worker_id).values(
+                status=WorkerStatus.OFFLINE.value, current_task=None, stopped_at=now,
+                idle_since=None,
+            )
+        )
+
+
+def _worker_done(conn: Connection, worker_id: str, now: datetime, *, completed: bool,
+                 failed: bool) -> None:
+    conn.execute(
+        update(W).where(W.c.worker_id == worker_id).values(
+            status=WorkerStatus.IDLE.value, current_task=None, idle_since=now, last_heartbeat=now,
+            tasks_completed=W.c.tasks_completed + int(completed),
+            tasks_failed=W.c.tasks_failed + int(failed),
+        )
+    )
+
+
+# -- reading ------------------------------------------------------------------------------
+
+def get_task(store: Store, task_id: str) -> Task:
+    """The task with ``task_id``; TaskNotFound when there is none."""
+    with store.read() as conn:
+        row = conn.execute(select(T).where(T.c.task_id == task_id)).first()
+    if row is None:
+        raise TaskNotFound(task_id)
+    return _task(row)
+
+
+def list_tasks(store: Store, status: str | None = None, limit: int = 20) -> list[Task]:
+    """Tasks, newest first, optionally of one status."""
+    query = select(T).order_by(T.c.created_at.desc(), T.c.task_id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(T.c.status == status)
+    with store.read() as conn:
+        return [_task(row) for row in conn.execute(query)]
+
+
+def counts_by_status(store: Store) -> dict[str, int]:
+    """How many tasks are in each status (every status present, zero when none)."""
+    counts = {s.value: 0 for s in TaskStatus}
+    with store.read() as conn:
+        for status, count in conn.execute(select(T.c.status, func.count()).group_by(T.c.status)):
+            counts[status] = count
+    return counts
+
+
+def ready_pending_count(store: Store, now: datetime) -> int:
+    """Pending tasks that a worker could claim right now (not waiting out a backoff)."""
+    with store.read() as conn:
+        return int(conn.execute(
+            select(func.count()).select_from(T)
+            .where(T.c.status == TaskStatus.PENDING.value, _ready(now))
+        ).scalar_one())
+
+
+def list_workers(store: Store, include_offline: bool = False) -> list[Worker]:
+    query = select(W).order_by(W.c.created_at)
+    if not include_offline:
+        query = query.where(W.c.status != WorkerStatus.OFFLINE.value)
+    with store.read() as conn:
+        return [Worker(**row._mapping) for row in conn.execute(query)]
+
+
+def running_tasks(store: Store) -> list[Task]:
+    """Tasks in progress (for the supervisor's overdue check)."""
+    with store.read() as conn:
+        return [_task(r) for r in conn.execute(
+            select(T).where(T.c.status == TaskStatus.IN_PROGRESS.value))]
+
+
+@dataclass(frozen=True)
+class Stats:
+    counts: dict[str, int]
+    workers: list[Worker]
+    avg_duration_s: float | None
+    avg_wait_s: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tasks": self.counts,
+            "queue_depth": self.counts.get(TaskStatus.PENDING.value, 0),
+            "avg_duration_s": self.avg_duration_s,
+            "avg_wait_s": self.avg_wait_s,
+            "workers": [worker_record(w) for w in self.workers],
+        }
+
+
+def stats(store: Store) -> Stats:
+    """Counts by status, per-worker counters (live workers) and average run and wait times of
+    completed tasks."""
+    counts = counts_by_status(store)
+    workers = list_workers(store)
+    with store.read() as conn:
+        rows = conn.execute(
+            select(T.c.created_at, T.c.started_at, T.c.finished_at)
+            .where(T.c.status == TaskStatus.COMPLETED.value)
+            .order_by(T.c.finished_at.desc()).limit(1000)
+        ).all()
+    runs = [(r.finished_at - r.started_at).total_seconds() for r in rows
+            if r.started_at and r.finished_at]
+    waits = [(r.started_at - r.created_at).total_seconds() for r in rows if r.started_at]
+    return Stats(counts, workers,
+                 sum(runs) / len(runs) if runs else None,
+                 sum(waits) / len(waits) if waits else None)
+
+
+# -- records ------------------------------------------------------------------------------
+
+def task_record(task: Task, *, include_prompt: bool = True) -> dict[str, Any]:
+    """A task as plain JSON-ready data (timestamps as ISO 8601 UTC with a ``Z``)."""
+    duration = None
+    if task.started_at and task.finished_at:
+        duration = round((task.finished_at - task.started_at).total_seconds(), 3)
+    record: dict[str, Any] = {
+        "task_id": task.task_id,
+        "type": task.type,
+        "status": task.status,
+        "priority": task.priority,
+        "result": task.result,
+        "error": task.error,
+        "error_kind": task.error_kind,
+        "attempts": task.attempts,
+        "max_attempts": task.max_attempts,
+        "timeout_s": task.timeout_s,
+        "worker_id": task.worker_id,
+        "cancel_requested": bool(task.cancel_requested),
+        "idempotency_key": task.idempotency_key,
+        "created_at": _iso(task.created_at),
+        "updated_at": _iso(task.updated_at),
+        "started_at": _iso(task.started_at),
+        "finished_at": _iso(task.finished_at),
+        "duration_s": duration,
+    }
+    if include_prompt:
+        record["prompt"] = task.prompt
+    return record
+
+
+def worker_record(worker: Worker) -> dict[str, Any]:
+    done = worker.tasks_completed + worker.tasks_failed
+    return {
+        "worker_id": worker.worker_id,
+        "status": worker.status,
+        "current_task": worker.current_task,
+        "tasks_completed": worker.tasks_completed,
+        "tasks_failed": worker.tasks_failed,
+        "success_rate": round(100.0 * worker.tasks_completed / done, 1) if done else None,
+        "host": worker.host,
+        "pid": worker.pid,
+        "last_heartbeat": _iso(worker.last_heartbeat),
+        "created_at": _iso(worker.created_at),
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="milliseconds") + "Z"
+
+
+def _task(row: Any) -> Task:
+    return Task(**row._mapping)
+
+
+def _ready(now: datetime) -> ColumnElement[bool]:
+    return or_(T.c.not_before.is_(None), T.c.not_before <= now)
+
+
+def _final() -> Sequence[str]:
+    return [s.value for s in FINAL_STATUSES]
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _short(value: Any) -> str:
+    text_ = repr(value)
+    return text_ if len(text_) <= 60 else text_[:57] + "..."

@@ -1,0 +1,229 @@
+"""Opening the task store: engine, SQLite pragmas, schema, transactions, wake-ups.
+
+SQLite runs in WAL mode with a busy timeout, and every write transaction starts with
+``BEGIN IMMEDIATE`` so that two writers never deadlock upgrading a read lock (the classic
+"database is locked" trap). PostgreSQL is used through psycopg 3.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
+from sqlmodel import SQLModel
+
+from koubou_mcp.models import SCHEMA_VERSION, Meta
+from koubou_mcp.wakeup import FifoWakeup, PostgresWakeup, Wakeup
+
+log = logging.getLogger(__name__)
+
+#: how long a SQLite writer waits for the lock before giving up, ms
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+#: PostgreSQL channel on which new work is announced
+NOTIFY_CHANNEL = "koubou_tasks"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used. The message says what is wrong and how to fix it."""
+
+
+class Store:
+    """A handle on the task store. Cheap to share within a process; make one per process."""
+
+    def __init__(self, engine: Engine, url: str, wakeup: Wakeup) -> None:
+        self.engine = engine
+        self.url = url
+        self.wakeup = wakeup
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction: ``BEGIN IMMEDIATE`` on SQLite. Keep it short; never call a model
+        inside it."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(koubou_begin="BEGIN IMMEDIATE")
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only transaction (deferred on SQLite, so readers never block writers)."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def notify_new_work(self) -> None:
+        """Wake idle workers and supervisors: something became claimable."""
+        try:
+            self.wakeup.notify()
+        except OSError as exc:  # a wake-up is an optimisation; polling is the safety net
+            log.debug("wake-up failed: %s", exc)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_store(database_url: str, run_dir: Path, *, create: bool = True) -> Store:
+    """Open (and by default create) the store at ``database_url``.
+
+    ``run_dir`` holds the wake-up FIFOs for SQLite. Raises StoreError with a readable message
+    when the database cannot be opened: directory missing or read-only, file corrupt, server
+    unreachable, schema from a newer release.
+    """
+    try:
+        url = make_url(database_url)
+    except ArgumentError as exc:
+        raise StoreError(f"KOUBOU_DATABASE_URL {database_url!r} is not a database URL: {exc}") from None
+    try:
+        if url.get_backend_name() == "sqlite":
+            engine = _sqlite_engine(url.database or "", create=create)
+            wakeup: Wakeup = FifoWakeup(run_dir / "wake")
+        elif url.get_backend_name() == "postgresql":
+            if url.drivername == "postgresql":
+                url = url.set(drivername="postgresql+psycopg")
+            engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+            wakeup = PostgresWakeup(engine, NOTIFY_CHANNEL)
+        else:
+            raise StoreError(
+                f"KOUBOU_DATABASE_URL uses {url.get_backend_name()!r}; "
+                "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+            )
+    except NoSuchModuleError as exc:
+        raise StoreError(f"no database driver for {database_url!r}: {exc}") from None
+    except ModuleNotFoundError as exc:
+        raise StoreError(
+            f"the driver for {url.drivername} is not installed ({exc.name}); "
+            "install it with: pip install 'koubou-mcp[postgres]'"
+        ) from None
+    store = Store(engine, database_url, wakeup)
+    try:
+        if create:
+            _ensure_schema(store)
+        else:
+            _check_schema(store)
+    except StoreError:
+        engine.dispose()
+        raise
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise StoreError(_explain(exc, database_url)) from None
+    return store
+
+
+# -- SQLite -------------------------------------------------------------------------------
+
+def _sqlite_engine(path: str, *, create: bool) -> Engine:
+    if not path or path == ":memory:":
+        raise StoreError("an in-memory SQLite database cannot be shared by workers; give a file path")
+    db = Path(path)
+    if create:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the database directory {db.parent}: {exc.strerror}. "
+                "Check KOUBOU_HOME / KOUBOU_DATABASE_URL and the directory's permissions."
+            ) from None
+        if not db.exists():
+            try:
+                # create the file ourselves so that it is private to the user from the start
+                os.close(os.open(db, os.O_CREAT | os.O_WRONLY, 0o600))
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create the database file {db}: {exc.strerror}. "
+                    f"Is {db.parent} writable?"
+                ) from None
+    elif not db.exists():
+        raise StoreError(f"no database at {db}; start koubou-mcp once to create it")
+
+    engine = create_engine(
+        f"sqlite:///{db}",
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let us emit BEGIN ourselves (pysqlite's own BEGIN is deferred and comes too late).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql(conn.get_execution_options().get("koubou_begin", "BEGIN"))
+
+    return engine
+
+
+# -- schema -------------------------------------------------------------------------------
+
+def _ensure_schema(store: Store) -> None:
+    """Create missing tables and record the schema version, once, even with racing processes."""
+    with store.write() as conn:
+        if store.is_postgres:
+            # serialise concurrent first starts; released at commit
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key("schema")})
+        SQLModel.metadata.create_all(conn)
+        row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).first()  # type: ignore[arg-type]
+        if row is None:
+            conn.execute(
+                Meta.__table__.insert().values(key="schema_version", value=str(SCHEMA_VERSION))  # type: ignore[attr-defined]
+            )
+        else:
+            _refuse_newer(int(row[0]), store.url)
+
+
+def _check_schema(store: Store) -> None:
+    with store.read() as conn:
+        row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).first()  # type: ignore[arg-type]
+    if row is None:
+        raise StoreError(f"{store.url} holds no koubou-mcp schema; start koubou-mcp once to create it")
+    _refuse_newer(int(row[0]), store.url)
+
+
+def _refuse_newer(found: int, url: str) -> None:
+    if found > SCHEMA_VERSION:
+        raise StoreError(
+            f"the store at {url} has schema version {found}, newer than this koubou-mcp "
+            f"understands ({SCHEMA_VERSION}); upgrade koubou-mcp"
+        )
+
+
+def _lock_key(name: str) -> int:
+    return zlib.crc32(f"koubou:{name}".encode())
+
+
+def _explain(exc: SQLAlchemyError, url: str) -> str:
+    """Turn a driver error at open time into a sentence a user can act on."""
+    detail = str(exc.orig) if isinstance(exc, DBAPIError) and exc.orig is not None else str(exc)
+    lowered = detail.lower()
+    if "file is not a database" in lowered or "malformed" in lowered:
+        return (f"the database at {url} is corrupt ({detail}). Move the file aside "
+                "(and its -wal/-shm files) and start again; tasks in it are lost.")
+    if "readonly" in lowered or "read-only" in lowered:
+        return (f"the database at {url} is read-only ({detail}). "
+                "Make the file and its directory writable, or point KOUBOU_HOME elsewhere.")
+    if "unable to open" in lowered:
+        return (f"cannot open the database at {url} ({detail}). "
+                "Check that its directory exists and is writable.")
+    if "connection" in lowered or "could not" in lowered:
+        return (f"cannot reach the database at {url} ({detail.strip()}). "
+                "Is the server running and the URL right?")
+    return f"the database at {url} failed: {detail.strip()}"

@@ -1,0 +1,176 @@
+"""Waking idle workers when work arrives, without busy polling.
+
+Polling the database every few milliseconds would make dispatch fast but burn CPU while idle;
+polling every second keeps the CPU quiet but adds up to a second of latency. Instead each idle
+waiter blocks on a wake-up channel and polls only as a safety net (wake-ups can be lost):
+
+* SQLite (one machine): each waiter owns a named pipe (FIFO) under ``$KOUBOU_HOME/run/wake/``;
+  ``notify`` writes one byte into every pipe. A pipe nobody reads any more is removed.
+* PostgreSQL (many machines): ``LISTEN``/``NOTIFY`` on one channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import stat
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import Engine, text
+
+
+class Listener(Protocol):
+    def wait(self, timeout_s: float) -> bool:
+        """Block until woken or ``timeout_s`` passes. True when woken."""
+        ...
+
+    def poke(self) -> None:
+        """Wake this listener's own ``wait`` (from a signal handler or another thread)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Wakeup(Protocol):
+    def notify(self) -> None:
+        """Wake every listener."""
+        ...
+
+    def listen(self, name: str) -> Listener: ...
+
+
+class FifoListener:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.mkfifo(path, 0o600)
+        # O_RDWR: the pipe always has a writer (us), so select never reports a spurious EOF.
+        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def wait(self, timeout_s: float) -> bool:
+        try:
+            ready, _, _ = select.select([self._fd], [], [], max(timeout_s, 0.0))
+        except InterruptedError:
+            ready = []
+        if ready:
+            self.drain()
+            return True
+        return False
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._fd, 4096):
+                pass
+
+    def poke(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._fd, b"!")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class FifoWakeup:
+    """Wake-ups through named pipes in one directory (same machine only)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def notify(self) -> None:
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if not entry.name.endswith(".fifo"):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # nobody reads it: its owner is gone
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                continue
+            try:
+                os.write(fd, b"w")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already
+            finally:
+                os.close(fd)
+
+    def listen(self, name: str) -> FifoListener:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.directory / f"{name}.fifo"
+        if path.exists() and not stat.S_ISFIFO(path.stat().st_mode):
+            raise RuntimeError(f"{path} exists and is not a pipe")
+        return FifoListener(path)
+
+
+class PostgresListener:
+    """A dedicated connection that LISTENs; ``poke`` wakes it through a local pipe."""
+
+    def __init__(self, engine: Engine, channel: str) -> None:
+        import psycopg  # only needed with PostgreSQL
+
+        url = engine.url.set(drivername="postgresql")
+        self._conn: Any = psycopg.connect(
+            url.render_as_string(hide_password=False), autocommit=True
+        )
+        self._conn.execute(f'LISTEN "{channel}"')
+        self._pipe_r, self._pipe_w = os.pipe()
+        os.set_blocking(self._pipe_r, False)
+        os.set_blocking(self._pipe_w, False)
+
+    def wait(self, timeout_s: float) -> bool:
+        try:
+            ready, _, _ = select.select(
+                [self._conn.pgconn.socket, self._pipe_r], [], [], max(timeout_s, 0.0)
+            )
+        except InterruptedError:
+            return False
+        woken = False
+        if self._pipe_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._pipe_r, 4096):
+                    pass
+            woken = True
+        if ready:
+            # consume whatever notifications arrived, without blocking
+            for _ in self._conn.notifies(timeout=0, stop_after=1000):
+                woken = True
+        return woken
+
+    def poke(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._pipe_w, b"!")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.close()
+        for fd in (self._pipe_r, self._pipe_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class PostgresWakeup:
+    def __init__(self, engine: Engine, channel: str) -> None:
+        self.engine = engine
+        self.channel = channel
+
+    def notify(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_notify(:c, '')"), {"c": self.channel})
+            conn.commit()
+
+    def listen(self, name: str) -> PostgresListener:
+        return PostgresListener(self.engine, self.channel)
