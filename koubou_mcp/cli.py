@@ -1,0 +1,421 @@
+"""The ``koubou-mcp`` command: argument parsing, logging set-up, and dispatch.
+
+No business logic lives here. Exit codes: 0 success; 1 a failed task or a runtime problem
+(database unreachable, pool not running); 2 bad usage or bad input (nothing was changed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from koubou_mcp import __version__, queue
+from koubou_mcp.config import KNOBS, PRIORITY_MAX, PRIORITY_MIN, TASK_TYPES, ConfigError, Settings
+from koubou_mcp.models import FINAL_STATUSES, TaskStatus, utcnow
+from koubou_mcp.store import Store, StoreError, open_store
+
+log = logging.getLogger("koubou_mcp")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: exit 2 with the message."""
+
+
+# -- argument parsing ---------------------------------------------------------------------
+
+def _env_help(name: str, text: str | None = None) -> str:
+    knob = KNOBS[name]
+    return f"{text or knob.help} (env {knob.env})"
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected zero or more, got {number}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not (number == number and number >= 0 and number != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {value!r}")
+    return number
+
+
+def _add_store_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", help=_env_help("home", "directory for the database, logs and run "
+                                                    "files; default ./.koubou"))
+    p.add_argument("--database-url", help=_env_help("database_url"))
+
+
+def _add_pool_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min", dest="min_workers", type=_positive_int, help=_env_help("min_workers")
+                   + "; default 1")
+    p.add_argument("--max", dest="max_workers", type=_positive_int, help=_env_help("max_workers")
+                   + "; default 5")
+    p.add_argument("--threshold", dest="scale_up_threshold", type=_seconds,
+                   help=_env_help("scale_up_threshold") + "; default 2")
+    p.add_argument("--idle-timeout", dest="idle_timeout_s", type=_seconds,
+                   help=_env_help("idle_timeout_s") + "; default 30")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env_lines = "\n".join(f"  {k.env:28} {k.help}" for k in KNOBS.values())
+    parser = argparse.ArgumentParser(
+        prog="koubou-mcp",
+        description="Delegate work from a coding agent to local models. With no command, "
+                    "runs the MCP server on stdio (same as `koubou-mcp serve`).",
+        epilog="Environment variables:\n" + env_lines + "\n  WORKER_ID                    "
+               "id of a worker started with `koubou-mcp worker`",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"koubou-mcp {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the MCP server (stdio by default) and its worker pool")
+    _add_store_flags(p)
+    _add_pool_flags(p)
+    p.add_argument("--no-pool", action="store_true",
+                   help="front end only: do not start workers (a `koubou-mcp pool` elsewhere "
+                        "runs them)")
+    p.add_argument("--ollama-url", help=_env_help("ollama_url"))
+    p.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio",
+                   help="MCP transport; default stdio")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address; default 127.0.0.1")
+    p.add_argument("--port", type=_positive_int, default=8765, help="HTTP port; default 8765")
+
+    p = sub.add_parser("worker", help="run one worker process in the foreground")
+    _add_store_flags(p)
+    p.add_argument("--ollama-url", help=_env_help("ollama_url"))
+    p.add_argument("--max-tasks", type=_positive_int, help="exit after this many tasks")
+
+    p = sub.add_parser("pool", help="run the scaling worker pool in the foreground")
+    _add_store_flags(p)
+    _add_pool_flags(p)
+    p.add_argument("--ollama-url", help=_env_help("ollama_url"))
+
+    p = sub.add_parser("submit", help="add a task to the queue")
+    _add_store_flags(p)
+    p.add_argument("prompt", help="the prompt, or - to read it from stdin")
+    p.add_argument("--type", choices=TASK_TYPES, default="general", help="default general")
+    p.add_argument("--priority", type=int, default=5,
+                   help=f"{PRIORITY_MIN} (lowest) to {PRIORITY_MAX} (highest); default 5")
+    p.add_argument("--timeout", type=_seconds, help="time limit of the task in seconds; default "
+                   "KOUBOU_GENERAL_TIMEOUT / KOUBOU_CODE_TIMEOUT")
+    p.add_argument("--idempotency-key", help="return the unfinished task with this key instead "
+                   "of adding a duplicate")
+    p.add_argument("--wait", action="store_true", help="wait for the task to end and print it; "
+                   "exit 1 if it failed")
+    p.add_argument("--wait-timeout", type=_seconds, help="stop waiting after this many seconds "
+                   "(the task goes on); default: wait until it ends")
+    p.add_argument("--json", action="store_true", help="print the task as one JSON object")
+
+    p = sub.add_parser("status", help="show one task")
+    _add_store_flags(p)
+    p.add_argument("task_id")
+    p.add_argument("--json", action="store_true", help="print the task as one JSON object")
+
+    p = sub.add_parser("tasks", help="list tasks, newest first")
+    _add_store_flags(p)
+    p.add_argument("--status", choices=[s.value for s in TaskStatus])
+    p.add_argument("--limit", type=_positive_int, default=20, help="default 20, at most 1000")
+    p.add_argument("--json", action="store_true", help="print {tasks, counts} as JSON")
+
+    p = sub.add_parser("cancel", help="cancel a pending or running task")
+    _add_store_flags(p)
+    p.add_argument("task_id")
+    p.add_argument("--json", action="store_true", help="print the task as one JSON object")
+
+    p = sub.add_parser("stats", help="print the pool's statistics block now")
+    _add_store_flags(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("stop", help="stop the pool running for this KOUBOU_HOME, gracefully")
+    _add_store_flags(p)
+    p.add_argument("--timeout", type=_seconds, default=60.0,
+                   help="seconds to wait for it to drain; default 60")
+
+    p = sub.add_parser("doctor", help="check the database, Ollama and the Codex CLI")
+    _add_store_flags(p)
+    p.add_argument("--ollama-url", help=_env_help("ollama_url"))
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        name: getattr(args, name)
+        for name in ("home", "database_url", "ollama_url", "min_workers", "max_workers",
+                     "scale_up_threshold", "idle_timeout_s")
+        if getattr(args, name, None) is not None
+    }
+    return Settings.from_env(**overrides)
+
+
+def _store(settings: Settings, *, create: bool = True) -> Store:
+    return open_store(settings.database_url, settings.run_dir, create=create)
+
+
+def setup_logging(settings: Settings, logfile: Path | None, *, stderr_level: int) -> None:
+    """Log to ``logfile`` (if any) at the configured level and to stderr at ``stderr_level``.
+
+    Never to stdout: in `serve` it carries the MCP protocol.
+    """
+    root = logging.getLogger()
+    root.handlers.clear()
+    level = getattr(logging, settings.log_level)
+    root.setLevel(min(level, stderr_level))
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(stderr_level)
+    err.setFormatter(fmt)
+    root.addHandler(err)
+    if logfile is not None:
+        logfile.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(logfile, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+        os.close(fd)
+        fh = logging.FileHandler(logfile, encoding="utf-8")
+        fh.setLevel(level)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    for noisy in ("httpx", "httpcore", "sqlalchemy"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, ensure_ascii=False, indent=None))
+
+
+def _describe_task(record: dict[str, Any]) -> str:
+    lines = [f"{record['task_id']}  {record['status']}  type={record['type']}  "
+             f"priority={record['priority']}  attempts={record['attempts']}/{record['max_attempts']}"]
+    if record.get("worker_id"):
+        lines.append(f"worker: {record['worker_id']}")
+    lines.append(f"created: {record['created_at']}  finished: {record['finished_at'] or '-'}"
+                 + (f"  ({record['duration_s']} s)" if record.get("duration_s") is not None else ""))
+    if record.get("error"):
+        lines.append(f"error: {record['error']}")
+    if record.get("result") is not None:
+        lines.append("result:")
+        lines.append(record["result"])
+    return "\n".join(lines)
+
+
+def _read_prompt(arg: str) -> str:
+    if arg != "-":
+        return arg
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"the prompt on stdin is not valid UTF-8 (byte {exc.start}); "
+                         "send UTF-8 text") from None
+
+
+# -- commands -----------------------------------------------------------------------------
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    prompt = _read_prompt(args.prompt)
+    try:
+        request = queue.validate_request(settings, prompt, args.type, args.priority,
+                                         args.timeout, args.idempotency_key)
+    except queue.InvalidTask as exc:
+        raise UsageError(str(exc)) from None
+    store = _store(settings)
+    try:
+        enqueued = queue.enqueue(store, request, settings, utcnow())
+        task = enqueued.task
+        if args.wait:
+            deadline = None if args.wait_timeout is None else time.monotonic() + args.wait_timeout
+            while task.status not in FINAL_STATUSES:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)  # polling a local file is cheap; this is the CLI's own wait
+                task = queue.get_task(store, task.task_id)
+        record = queue.task_record(task, include_prompt=False)
+        if args.json:
+            _print_json(record)
+        elif args.wait:
+            print(_describe_task(record))
+        else:
+            print(task.task_id)
+        if args.wait and task.status != TaskStatus.COMPLETED.value:
+            return EXIT_FAILED
+        return EXIT_OK
+    finally:
+        store.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    store = _store(settings, create=False)
+    try:
+        try:
+            task = queue.get_task(store, args.task_id)
+        except queue.TaskNotFound as exc:
+            raise UsageError(str(exc)) from None
+        record = queue.task_record(task)
+        _print_json(record) if args.json else print(_describe_task(record))
+        return EXIT_OK
+    finally:
+        store.close()
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not 1 <= args.limit <= 1000:
+        raise UsageError(f"--limit must be from 1 to 1000, got {args.limit}")
+    store = _store(settings, create=False)
+    try:
+        tasks = queue.list_tasks(store, args.status, args.limit)
+        counts = queue.counts_by_status(store)
+        if args.json:
+            _print_json({"tasks": [queue.task_record(t, include_prompt=False) for t in tasks],
+                         "counts": counts})
+            return EXIT_OK
+        for t in tasks:
+            preview = " ".join(t.prompt.split())[:60]
+            print(f"{t.task_id}  {t.status:<11}  {t.type:<7}  p{t.priority:<2}  {preview}")
+        print("  ".join(f"{k}: {v}" for k, v in counts.items()))
+        return EXIT_OK
+    finally:
+        store.close()
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    store = _store(settings, create=False)
+    try:
+        try:
+            task = queue.cancel(store, args.task_id, utcnow())
+        except (queue.TaskNotFound, queue.TaskStateError) as exc:
+            raise UsageError(str(exc)) from None
+        record = queue.task_record(task, include_prompt=False)
+        if args.json:
+            _print_json(record)
+        else:
+            state = ("cancelled" if task.status == TaskStatus.CANCELLED.value
+                     else "cancel requested; its worker stops it within about a second")
+            print(f"{task.task_id}: {state}")
+        return EXIT_OK
+    finally:
+        store.close()
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from koubou_mcp.report import stats_block
+
+    settings = _settings(args)
+    store = _store(settings, create=False)
+    try:
+        stats = queue.stats(store)
+        _print_json(stats.as_dict()) if args.json else print(stats_block(stats))
+        return EXIT_OK
+    finally:
+        store.close()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from koubou_mcp.worker import run_worker
+
+    settings = _settings(args)
+    worker_id = os.environ.get("WORKER_ID", "").strip() or queue.new_worker_id(utcnow())
+    if len(worker_id) > 128 or not worker_id.replace("-", "_").replace(".", "_").isidentifier():
+        raise UsageError(f"WORKER_ID {worker_id!r} must be letters, digits, '_', '-' or '.', "
+                         "at most 128 characters")
+    supervisor = os.environ.get("KOUBOU_SUPERVISOR_PID", "").strip()
+    supervisor_pid = int(supervisor) if supervisor.isdigit() else None
+    # Started by a supervisor, stderr already is this worker's log file.
+    logfile = None if supervisor_pid else settings.worker_logs_dir / f"{worker_id}.log"
+    setup_logging(settings, logfile, stderr_level=logging.INFO)
+    store = _store(settings)
+    try:
+        run_worker(settings, store, worker_id, supervisor_pid=supervisor_pid,
+                   max_tasks=args.max_tasks)
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def cmd_pool(args: argparse.Namespace) -> int:
+    from koubou_mcp.supervisor import run_pool
+
+    settings = _settings(args)
+    setup_logging(settings, settings.logs_dir / "worker_pool.log", stderr_level=logging.INFO)
+    return run_pool(settings)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from koubou_mcp.supervisor import stop_pool
+
+    settings = _settings(args)
+    return stop_pool(settings, args.timeout)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from koubou_mcp.server import run_server
+
+    settings = _settings(args)
+    setup_logging(settings, settings.logs_dir / "mcp_server.log", stderr_level=logging.WARNING)
+    run_server(settings, pool=not args.no_pool, transport=args.transport, host=args.host,
+               port=args.port)
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from koubou_mcp.doctor import run_doctor
+
+    settings = _settings(args)
+    return run_doctor(settings, as_json=args.json)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": cmd_serve, "worker": cmd_worker, "pool": cmd_pool, "submit": cmd_submit,
+    "status": cmd_status, "tasks": cmd_tasks, "cancel": cmd_cancel, "stats": cmd_stats,
+    "stop": cmd_stop, "doctor": cmd_doctor,
+}
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    print(f"koubou-mcp: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["serve", *argv]  # `koubou-mcp [serve flags]` runs the server
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        _fail(EXIT_USAGE, f"{exc}")
+    except UsageError as exc:
+        _fail(EXIT_USAGE, str(exc))
+    except StoreError as exc:
+        _fail(EXIT_FAILED, str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
