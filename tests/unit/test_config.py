@@ -1,0 +1,81 @@
+"""Settings: defaults, env vars, validation messages that name the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from koubou_mcp.config import KNOBS, ConfigError, Settings
+
+
+def test_defaults_follow_the_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = Settings.from_env({})
+    assert s.home == tmp_path / ".koubou"
+    assert s.database_url == f"sqlite:///{tmp_path}/.koubou/db/koubou.db"
+    assert s.ollama_url == "http://127.0.0.1:11434"
+    assert (s.general_model, s.code_model, s.codex_bin) == ("gpt-oss:20b", "gpt-oss:20b", "codex")
+    assert s.codex_sandbox == "read-only"
+    assert (s.code_timeout_s, s.general_timeout_s, s.max_attempts) == (120.0, 60.0, 3)
+    assert (s.min_workers, s.max_workers, s.scale_up_threshold, s.idle_timeout_s) == (1, 5, 2.0, 30.0)
+    assert s.workdir == tmp_path
+
+
+def test_env_vars_set_every_knob(tmp_path: Path) -> None:
+    s = Settings.from_env({
+        "KOUBOU_HOME": str(tmp_path / "h"), "KOUBOU_MAX_WORKERS": "9", "KOUBOU_MIN_WORKERS": "2",
+        "KOUBOU_CODE_TIMEOUT": "30.5", "KOUBOU_CODEX_SANDBOX": "workspace-write",
+        "KOUBOU_GENERAL_MODEL": "llama3.2", "KOUBOU_LOG_LEVEL": "debug",
+    })
+    assert s.home == tmp_path / "h"
+    assert s.database_url == f"sqlite:///{tmp_path}/h/db/koubou.db"
+    assert (s.max_workers, s.min_workers, s.code_timeout_s) == (9, 2, 30.5)
+    assert (s.codex_sandbox, s.general_model, s.log_level) == ("workspace-write", "llama3.2", "DEBUG")
+
+
+@pytest.mark.parametrize(("host", "url"), [
+    ("0.0.0.0", "http://127.0.0.1:11434"),
+    ("gpu-box:11500", "http://gpu-box:11500"),
+    ("https://ollama.example", "https://ollama.example:11434"),
+])
+def test_ollama_host_is_the_fallback_for_the_ollama_url(host: str, url: str) -> None:
+    assert Settings.from_env({"OLLAMA_HOST": host}).ollama_url == url
+    assert Settings.from_env({"OLLAMA_HOST": host,
+                              "KOUBOU_OLLAMA_URL": "http://x:1"}).ollama_url == "http://x:1"
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"KOUBOU_MAX_WORKERS": "many"}, "KOUBOU_MAX_WORKERS (--max) must be an integer"),
+    ({"KOUBOU_MAX_WORKERS": "0"}, "KOUBOU_MAX_WORKERS (--max) must be an integer from 1"),
+    ({"KOUBOU_MIN_WORKERS": "6"}, "must not exceed the maximum (5)"),
+    ({"KOUBOU_CODE_TIMEOUT": "-1"}, "KOUBOU_CODE_TIMEOUT must be a positive number"),
+    ({"KOUBOU_GENERAL_TIMEOUT": "nan"}, "KOUBOU_GENERAL_TIMEOUT must be a finite number"),
+    ({"KOUBOU_CODEX_SANDBOX": "yolo"}, "read-only, workspace-write, danger-full-access"),
+    ({"KOUBOU_OLLAMA_URL": "ftp://x"}, "KOUBOU_OLLAMA_URL (--ollama-url) must be an http(s) URL"),
+    ({"KOUBOU_DATABASE_URL": "mysql://x"}, "sqlite:/// or postgresql+psycopg://"),
+    ({"KOUBOU_MAX_ATTEMPTS": "0"}, "KOUBOU_MAX_ATTEMPTS must be an integer from 1 to 100"),
+    ({"KOUBOU_LOG_LEVEL": "loud"}, "DEBUG, INFO, WARNING or ERROR"),
+    ({"KOUBOU_HEARTBEAT": "20"}, "three heartbeats"),
+])
+def test_bad_values_are_refused_naming_the_variable(env: dict[str, str], says: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert says in str(info.value)
+
+
+def test_overrides_from_flags_beat_the_environment() -> None:
+    s = Settings.from_env({"KOUBOU_MAX_WORKERS": "3"}, max_workers=7)
+    assert s.max_workers == 7
+    with pytest.raises(ConfigError, match="--max"):
+        Settings.from_env({}, max_workers=0)
+
+
+def test_to_env_round_trips_the_settings(tmp_path: Path) -> None:
+    s = Settings.from_env({"KOUBOU_HOME": str(tmp_path)}, max_workers=8, idle_timeout_s=2.5)
+    assert Settings.from_env(s.to_env()) == s
+
+
+def test_every_knob_has_an_env_var_named_koubou() -> None:
+    assert all(k.env.startswith("KOUBOU_") for k in KNOBS.values())
+    assert len({k.env for k in KNOBS.values()}) == len(KNOBS)

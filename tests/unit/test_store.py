@@ -1,0 +1,130 @@
+"""Opening the store: file permissions, WAL, the seed's SQL, and clear errors on storage faults."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from koubou_mcp import queue
+from koubou_mcp.config import Settings
+from koubou_mcp.models import utcnow
+from koubou_mcp.store import StoreError, open_store
+
+
+def test_a_new_store_is_private_to_the_user_and_in_wal_mode(settings: Settings) -> None:
+    store = open_store(settings.database_url, settings.run_dir)
+    db = settings.home / "db" / "koubou.db"
+    try:
+        assert stat.S_IMODE(db.stat().st_mode) == 0o600
+        assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
+        with store.read() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 5000
+    finally:
+        store.close()
+
+
+def test_the_seeds_monitoring_queries_run_verbatim_and_answer_correctly(
+    sqlite_store: queue.Store, settings: Settings
+) -> None:
+    now = utcnow()
+    queue.register_worker(sqlite_store, "worker_001", 1, now)
+    queue.register_worker(sqlite_store, "worker_old", 2, now - timedelta(minutes=5))
+    for i in range(3):
+        queue.enqueue(sqlite_store, queue.validate_request(settings, f"p{i}"), settings, now)
+    task = queue.claim_next(sqlite_store, "worker_001", now, 30)
+    assert task is not None
+    queue.complete(sqlite_store, task.task_id, "worker_001", "ok", now + timedelta(minutes=3))
+
+    db = sqlite3.connect(settings.home / "db" / "koubou.db")
+    try:
+        active = db.execute(
+            "SELECT worker_id, status, tasks_completed, tasks_failed FROM workers "
+            "WHERE last_heartbeat > datetime('now', '-1 minute');").fetchall()
+        assert active == [("worker_001", "idle", 1, 0)]
+        by_status = dict(db.execute(
+            "SELECT status, COUNT(*) as count FROM task_master GROUP BY status;").fetchall())
+        assert by_status == {"pending": 2, "completed": 1}
+        (avg_minutes,) = db.execute(
+            "SELECT AVG(julianday(updated_at) - julianday(created_at)) * 24 * 60 as avg_minutes "
+            "FROM task_master WHERE status = 'completed';").fetchone()
+        assert avg_minutes == pytest.approx(3.0, abs=0.01)
+        pending = db.execute("SELECT * FROM task_master WHERE status='pending';").fetchall()
+        assert len(pending) == 2
+    finally:
+        db.close()
+
+
+def test_a_corrupt_database_file_gives_a_clear_error(settings: Settings) -> None:
+    db = settings.home / "db" / "koubou.db"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"this is not a database, just some bytes" * 100)
+    with pytest.raises(StoreError, match="corrupt.*Move the file aside"):
+        open_store(settings.database_url, settings.run_dir)
+
+
+@contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """Make ``directory`` read-only for us, even as root (a read-only bind mount)."""
+    if os.geteuid() != 0:
+        directory.chmod(0o500)
+        try:
+            yield
+        finally:
+            directory.chmod(0o700)
+        return
+    mounted = subprocess.run(["mount", "--bind", str(directory), str(directory)],
+                             capture_output=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot make a read-only directory as root here: {mounted.stderr!r}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(directory)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(directory)], check=False)
+
+
+def test_a_read_only_database_directory_gives_a_clear_error(settings: Settings) -> None:
+    open_store(settings.database_url, settings.run_dir).close()
+    with read_only(settings.home / "db"), pytest.raises(StoreError, match="writable"):
+        open_store(settings.database_url, settings.run_dir)
+
+
+def test_a_directory_that_cannot_be_created_gives_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    with pytest.raises(StoreError, match="cannot create the database directory"):
+        open_store(f"sqlite:///{blocker}/db/koubou.db", tmp_path / "run")
+
+
+def test_opening_without_create_refuses_a_missing_database(settings: Settings) -> None:
+    with pytest.raises(StoreError, match="start koubou-mcp once"):
+        open_store(settings.database_url, settings.run_dir, create=False)
+
+
+def test_a_schema_from_a_newer_release_is_refused(settings: Settings) -> None:
+    open_store(settings.database_url, settings.run_dir).close()
+    db = sqlite3.connect(settings.home / "db" / "koubou.db")
+    db.execute("UPDATE koubou_meta SET value='99' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="newer than this koubou-mcp"):
+        open_store(settings.database_url, settings.run_dir)
+
+
+def test_an_unreachable_postgres_gives_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="cannot reach the database"):
+        open_store("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2", tmp_path)
+
+
+def test_an_unsupported_url_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="sqlite:///PATH or postgresql"):
+        open_store("mysql://x@y/z", tmp_path)
