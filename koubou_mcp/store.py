@@ -30,6 +30,8 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000
 #: PostgreSQL channel on which new work is announced
 NOTIFY_CHANNEL = "koubou_tasks"
 
+META: Any = Meta.__table__  # type: ignore[attr-defined]
+
 
 class StoreError(RuntimeError):
     """The store cannot be used. The message says what is wrong and how to fix it."""
@@ -181,18 +183,16 @@ def _ensure_schema(store: Store) -> None:
             # serialise concurrent first starts; released at commit
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key("schema")})
         SQLModel.metadata.create_all(conn)
-        row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).first()  # type: ignore[arg-type]
+        row = conn.execute(select(META.c.value).where(META.c.key == "schema_version")).first()
         if row is None:
-            conn.execute(
-                Meta.__table__.insert().values(key="schema_version", value=str(SCHEMA_VERSION))  # type: ignore[attr-defined]
-            )
+            conn.execute(META.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
         else:
             _refuse_newer(int(row[0]), store.url)
 
 
 def _check_schema(store: Store) -> None:
     with store.read() as conn:
-        row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).first()  # type: ignore[arg-type]
+        row = conn.execute(select(META.c.value).where(META.c.key == "schema_version")).first()
     if row is None:
         raise StoreError(f"{store.url} holds no koubou-mcp schema; start koubou-mcp once to create it")
     _refuse_newer(int(row[0]), store.url)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import ParamSpec, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -36,6 +37,8 @@ from koubou_mcp.store import Store
 log = logging.getLogger("koubou_mcp.worker")
 
 Clock = Callable[[], datetime]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def build_backends(settings: Settings) -> dict[str, Backend]:
@@ -267,7 +270,7 @@ class Worker:
                         after.status if after else "not ours", message)
 
     @staticmethod
-    async def _db(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    async def _db(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run a store call off the event loop so heartbeats and signals stay responsive."""
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
 
