@@ -162,8 +162,15 @@ class Worker:
     async def _serve(self) -> None:
         await self._db(queue.set_worker_status, self.store, self.worker_id, WorkerStatus.IDLE,
                        self.clock())
-        last_beat = anyio.current_time()
+        last_beat = last_recovery = anyio.current_time()
         while not self._should_exit():
+            if anyio.current_time() - last_recovery >= self.settings.lease_s / 3:
+                # Any live worker gives back tasks of workers that died unnoticed, so nothing
+                # waits for a supervisor that may be absent (remote workers, `worker` alone).
+                recovered = await self._db(queue.requeue_expired, self.store, self.clock())
+                for r in recovered:
+                    log.warning("%s: its worker's lease expired; now %s", r.task_id, r.status)
+                last_recovery = anyio.current_time()
             task = await self._db(queue.claim_next, self.store, self.worker_id, self.clock(),
                                   self.settings.lease_s)
             if task is not None:
