@@ -334,9 +334,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)  # validate before importing anything heavy
     from koubou_mcp.worker import run_worker
 
-    settings = _settings(args)
     worker_id = os.environ.get("WORKER_ID", "").strip() or queue.new_worker_id(utcnow())
     if len(worker_id) > 128 or not worker_id.replace("-", "_").replace(".", "_").isidentifier():
         raise UsageError(f"WORKER_ID {worker_id!r} must be letters, digits, '_', '-' or '.', "
@@ -356,24 +356,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_pool(args: argparse.Namespace) -> int:
+    settings = _settings(args)  # validate before importing anything heavy
     from koubou_mcp.supervisor import run_pool
 
-    settings = _settings(args)
     setup_logging(settings, settings.logs_dir / "worker_pool.log", stderr_level=logging.INFO)
     return run_pool(settings)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    settings = _settings(args)  # validate before importing anything heavy
     from koubou_mcp.supervisor import stop_pool
 
-    settings = _settings(args)
     return stop_pool(settings, args.timeout)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)  # validate before importing anything heavy
     from koubou_mcp.server import run_server
 
-    settings = _settings(args)
     setup_logging(settings, settings.logs_dir / "mcp_server.log", stderr_level=logging.WARNING)
     run_server(settings, pool=not args.no_pool, transport=args.transport, host=args.host,
                port=args.port)
@@ -381,9 +381,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    settings = _settings(args)  # validate before importing anything heavy
     from koubou_mcp.doctor import run_doctor
 
-    settings = _settings(args)
     return run_doctor(settings, as_json=args.json)
 
 
