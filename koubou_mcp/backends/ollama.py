@@ -1,0 +1,268 @@
+"""Run a task on a local Ollama server through its HTTP API (``POST /api/chat``).
+
+Every way the call can fail becomes a ``BackendError`` whose ``kind`` says what happened and
+whose message says what to do about it. Transient errors (the server is down, busy, slow or
+failing) are worth retrying; permanent ones (model not pulled, bad request, garbage reply) are not.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from koubou_mcp.backends.base import (
+    BackendRequest,
+    PermanentBackendError,
+    TransientBackendError,
+    bound_result,
+)
+
+#: A reply body larger than this is refused rather than held in memory. The result itself is
+#: bounded to ``MAX_RESULT_CHARS``; this leaves room for JSON escaping and metadata.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+#: How much of an error body goes into an error message.
+BODY_EXCERPT_CHARS = 300
+
+_FIX_UNREACHABLE = "start it with `ollama serve`, or set KOUBOU_OLLAMA_URL to where Ollama listens"
+
+
+def model_present(models: list[str], model: str) -> bool:
+    """Whether ``model`` is among ``models`` (names from ``/api/tags``).
+
+    Ollama treats a name without a tag as ``name:latest``, so ``llama3.2`` and
+    ``llama3.2:latest`` are the same model.
+    """
+    wanted = _canonical_model_name(model)
+    return any(_canonical_model_name(name) == wanted for name in models)
+
+
+def _canonical_model_name(name: str) -> str:
+    name = name.strip()
+    last_segment = name.rsplit("/", 1)[-1]
+    return name if ":" in last_segment else f"{name}:latest"
+
+
+def _excerpt(text: str, limit: int = BODY_EXCERPT_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _error_text(body: bytes) -> str:
+    """The ``error`` field of an Ollama error body, or the body itself when it is not JSON."""
+    text = body.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, str):
+            return error
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+    return text
+
+
+class OllamaBackend:
+    """Runs a prompt as one non-streaming chat turn on an Ollama model."""
+
+    name = "ollama"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        connect_timeout_s: float = 5.0,
+        options: dict[str, Any] | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.connect_timeout_s = connect_timeout_s
+        self.options = dict(options) if options else None
+        self._owns_client = client is None
+        self._client = client if client is not None else httpx.AsyncClient()
+
+    async def run(self, request: BackendRequest) -> str:
+        """Send the prompt to ``/api/chat`` and return the reply's ``message.content``."""
+        url = f"{self.base_url}/api/chat"
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": request.prompt}],
+            "stream": False,
+        }
+        if self.options:
+            payload["options"] = self.options
+        timeout = httpx.Timeout(request.timeout_s, connect=min(self.connect_timeout_s, request.timeout_s))
+        status, body = await self._post(url, payload, timeout)
+        if status >= 400:
+            raise self._http_error(url, status, body)
+        return bound_result(self._content(url, body))
+
+    async def probe(self, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """Health check: is Ollama reachable, which version, which models are pulled.
+
+        Returns ``{"reachable", "version", "models", "error"}`` and never raises a backend
+        error; ``error`` says what went wrong, if anything.
+        """
+        timeout = httpx.Timeout(timeout_s if timeout_s is not None else self.connect_timeout_s)
+        result: dict[str, Any] = {"reachable": False, "version": None, "models": [], "error": None}
+        try:
+            response = await self._client.get(f"{self.base_url}/api/version", timeout=timeout)
+            result["reachable"] = True
+            if response.status_code != 200:
+                result["error"] = (
+                    f"{self.base_url}/api/version answered HTTP {response.status_code}; "
+                    "is KOUBOU_OLLAMA_URL pointing at Ollama?"
+                )
+                return result
+            version = response.json().get("version")
+            result["version"] = version if isinstance(version, str) else None
+            response = await self._client.get(f"{self.base_url}/api/tags", timeout=timeout)
+            if response.status_code != 200:
+                result["error"] = f"{self.base_url}/api/tags answered HTTP {response.status_code}"
+                return result
+            models = response.json().get("models") or []
+            result["models"] = [
+                str(entry.get("name") or entry.get("model"))
+                for entry in models
+                if isinstance(entry, dict) and (entry.get("name") or entry.get("model"))
+            ]
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            result["error"] = f"cannot reach Ollama at {self.base_url} ({exc}); {_FIX_UNREACHABLE}"
+        except httpx.HTTPError as exc:
+            result["error"] = f"Ollama at {self.base_url}: {type(exc).__name__}: {exc}"
+        except (ValueError, AttributeError) as exc:
+            result["error"] = f"Ollama at {self.base_url} sent an unexpected reply: {exc}"
+        return result
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this backend created it."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def _post(self, url: str, payload: dict[str, Any], timeout: httpx.Timeout) -> tuple[int, bytes]:
+        """POST ``payload`` and read the whole (bounded) body, mapping transport failures."""
+        try:
+            async with self._client.stream("POST", url, json=payload, timeout=timeout) as response:
+                try:
+                    body = await _read_bounded(response, MAX_RESPONSE_BYTES)
+                except httpx.TimeoutException as exc:
+                    raise TransientBackendError(
+                        f"Ollama at {url} stopped sending its reply for longer than the read "
+                        f"timeout ({timeout.read}s)",
+                        kind="timeout",
+                    ) from exc
+                except (httpx.TransportError, httpx.DecodingError) as exc:
+                    raise PermanentBackendError(
+                        f"Ollama at {url} sent a truncated or undecodable reply "
+                        f"(HTTP {response.status_code}): {type(exc).__name__}: {exc}",
+                        kind="malformed",
+                    ) from exc
+                return response.status_code, body
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise TransientBackendError(
+                f"cannot reach Ollama at {self.base_url} ({type(exc).__name__}: {exc}); {_FIX_UNREACHABLE}",
+                kind="unreachable",
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise TransientBackendError(
+                f"Ollama at {url} did not answer within {timeout.read}s ({type(exc).__name__})",
+                kind="timeout",
+            ) from exc
+        except httpx.UnsupportedProtocol as exc:
+            raise PermanentBackendError(
+                f"invalid Ollama URL {self.base_url!r} ({exc}); set KOUBOU_OLLAMA_URL to "
+                "something like http://127.0.0.1:11434",
+                kind="bad_request",
+            ) from exc
+        except httpx.TransportError as exc:
+            raise TransientBackendError(
+                f"Ollama at {url} dropped the connection before answering ({type(exc).__name__}: {exc})",
+                kind="server_error",
+            ) from exc
+        except httpx.InvalidURL as exc:
+            raise PermanentBackendError(
+                f"invalid Ollama URL {self.base_url!r} ({exc}); set KOUBOU_OLLAMA_URL to "
+                "something like http://127.0.0.1:11434",
+                kind="bad_request",
+            ) from exc
+
+    def _http_error(
+        self, url: str, status: int, body: bytes
+    ) -> TransientBackendError | PermanentBackendError:
+        """The backend error for an HTTP error status."""
+        error = _error_text(body)
+        excerpt = _excerpt(error)
+        if status == 503:
+            return TransientBackendError(
+                f"Ollama at {self.base_url} is busy (HTTP 503): {excerpt}", kind="busy"
+            )
+        if status == 429:
+            return TransientBackendError(
+                f"Ollama at {self.base_url} is rate limiting (HTTP 429): {excerpt}", kind="busy"
+            )
+        if status >= 500:
+            return TransientBackendError(
+                f"Ollama at {url} failed with HTTP {status}: {excerpt}", kind="server_error"
+            )
+        lowered = error.lower()
+        if status == 404 and "model" in lowered and "not found" in lowered:
+            return PermanentBackendError(
+                f"model {self.model!r} is not available on Ollama at {self.base_url} "
+                f"({excerpt}); run `ollama pull {self.model}` or configure a model it has",
+                kind="model_not_found",
+            )
+        hint = ""
+        if status == 404:
+            hint = "; is KOUBOU_OLLAMA_URL pointing at Ollama's root (e.g. http://127.0.0.1:11434)?"
+        return PermanentBackendError(
+            f"Ollama at {url} rejected the request with HTTP {status}: {excerpt}{hint}",
+            kind="bad_request",
+        )
+
+    def _content(self, url: str, body: bytes) -> str:
+        """``message.content`` of a chat reply, or a ``malformed`` error saying what is wrong."""
+
+        def malformed(reason: str) -> PermanentBackendError:
+            return PermanentBackendError(
+                f"Ollama at {url} sent a malformed reply: {reason}", kind="malformed"
+            )
+
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise malformed(f"not UTF-8 ({exc})") from exc
+        except ValueError as exc:
+            text = body.decode("utf-8", errors="replace")
+            raise malformed(f"not valid JSON ({exc}): {_excerpt(text, 120)!r}") from exc
+        if not isinstance(data, dict):
+            raise malformed(f"expected a JSON object, got {type(data).__name__}")
+        message = data.get("message")
+        if not isinstance(message, dict):
+            if isinstance(data.get("error"), str):
+                raise malformed(f"an error instead of a message: {_excerpt(data['error'])}")
+            raise malformed("no 'message' object in the reply")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise malformed("no 'message.content' string in the reply")
+        return content
+
+
+async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
+    """The whole response body, refusing (``malformed``) one longer than ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise PermanentBackendError(
+                f"Ollama at {response.request.url} sent a reply larger than {limit} bytes",
+                kind="malformed",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)

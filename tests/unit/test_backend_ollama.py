@@ -1,0 +1,432 @@
+"""OllamaBackend against the fake Ollama over a real socket: success, every error, probe.
+
+Also the behaviours of the fake itself that other tests rely on (streaming shapes, the
+OpenAI-compatible endpoint, slots, release, the standalone process).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import httpx
+import pytest
+
+from koubou_mcp.backends import (
+    MAX_RESULT_CHARS,
+    BackendRequest,
+    OllamaBackend,
+    PermanentBackendError,
+    TransientBackendError,
+    model_present,
+)
+from tests.fakes import async_wait_until
+from tests.fakes.ollama_server import FakeOllama, FakeOllamaProcess
+from tests.waiting import wait_until
+
+MODEL = "gpt-oss:20b"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOllama]:
+    with FakeOllama(models=[MODEL, "llama3.2:latest"]) as server:
+        yield server
+
+
+@pytest.fixture
+async def backend(fake: FakeOllama) -> AsyncIterator[OllamaBackend]:
+    backend = OllamaBackend(fake.url, MODEL)
+    yield backend
+    await backend.aclose()
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port that refuses connections: bound (so nobody else takes it) but not listening."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def request(prompt: str = "hello", timeout_s: float = 10.0) -> BackendRequest:
+    return BackendRequest(task_id="t-1", prompt=prompt, timeout_s=timeout_s)
+
+
+# -- success ---------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_run_returns_the_models_reply_to_the_prompt(backend: OllamaBackend) -> None:
+    assert await backend.run(request("What is 2+2?")) == "echo: What is 2+2?"
+
+
+@pytest.mark.anyio
+async def test_run_sends_the_model_the_prompt_no_streaming_and_the_options(
+    fake: FakeOllama,
+) -> None:
+    backend = OllamaBackend(fake.url + "/", MODEL, options={"temperature": 0, "num_ctx": 8192})
+    try:
+        await backend.run(request("line one\nline two"))
+    finally:
+        await backend.aclose()
+    stats = fake.stats()
+    assert stats["prompts"] == ["line one\nline two"]
+    assert stats["calls"] == [
+        {
+            "path": "/api/chat",
+            "model": MODEL,
+            "stream": False,
+            "options": {"temperature": 0, "num_ctx": 8192},
+        }
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_model_named_without_a_tag_means_its_latest_tag(fake: FakeOllama) -> None:
+    backend = OllamaBackend(fake.url, "llama3.2")
+    try:
+        assert await backend.run(request("hi")) == "echo: hi"
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_huge_reply_is_cut_to_the_result_limit_with_a_note(
+    fake: FakeOllama, backend: OllamaBackend
+) -> None:
+    fake.configure(mode="huge", huge_chars=MAX_RESULT_CHARS + 5_000)
+    result = await backend.run(request())
+    assert result.startswith("echo: hello")
+    assert len(result) < MAX_RESULT_CHARS + 200
+    assert "truncated" in result
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_nothing_listening_is_a_transient_unreachable_error_naming_the_url_and_fix(
+    closed_port: int,
+) -> None:
+    url = f"http://127.0.0.1:{closed_port}"
+    backend = OllamaBackend(url, MODEL)
+    try:
+        with pytest.raises(TransientBackendError) as caught:
+            await backend.run(request())
+    finally:
+        await backend.aclose()
+    assert caught.value.kind == "unreachable"
+    message = str(caught.value)
+    assert url in message
+    assert "ollama serve" in message
+    assert "KOUBOU_OLLAMA_URL" in message
+
+
+@pytest.mark.anyio
+async def test_a_connect_timeout_is_reported_as_unreachable() -> None:
+    def refuse(req: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("timed out connecting", request=req)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(refuse))
+    backend = OllamaBackend("http://10.255.255.1:11434", MODEL, client=client)
+    with pytest.raises(TransientBackendError) as caught:
+        await backend.run(request())
+    await client.aclose()
+    assert caught.value.kind == "unreachable"
+    assert "10.255.255.1:11434" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_http_503_is_a_transient_busy_error(fake: FakeOllama, backend: OllamaBackend) -> None:
+    fake.configure(mode="busy503")
+    with pytest.raises(TransientBackendError) as caught:
+        await backend.run(request())
+    assert caught.value.kind == "busy"
+
+
+@pytest.mark.anyio
+async def test_other_5xx_is_a_transient_server_error_quoting_the_body(
+    fake: FakeOllama, backend: OllamaBackend
+) -> None:
+    fake.configure(mode="error500")
+    with pytest.raises(TransientBackendError) as caught:
+        await backend.run(request())
+    assert caught.value.kind == "server_error"
+    assert "500" in str(caught.value)
+    assert "injected internal server error" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_a_model_that_is_not_pulled_is_permanent_with_the_pull_command(
+    fake: FakeOllama,
+) -> None:
+    backend = OllamaBackend(fake.url, "qwen3-coder:30b")
+    try:
+        with pytest.raises(PermanentBackendError) as caught:
+            await backend.run(request())
+    finally:
+        await backend.aclose()
+    assert caught.value.kind == "model_not_found"
+    assert "ollama pull qwen3-coder:30b" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_another_4xx_is_a_permanent_bad_request(fake: FakeOllama) -> None:
+    backend = OllamaBackend(fake.url + "/not-ollama", MODEL)  # every path there is a 404
+    try:
+        with pytest.raises(PermanentBackendError) as caught:
+            await backend.run(request())
+    finally:
+        await backend.aclose()
+    assert caught.value.kind == "bad_request"
+    assert "404" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_a_reply_slower_than_the_read_timeout_is_a_transient_timeout(
+    fake: FakeOllama, backend: OllamaBackend
+) -> None:
+    fake.configure(mode="hang")
+    with pytest.raises(TransientBackendError) as caught:
+        await backend.run(request(timeout_s=0.3))
+    assert caught.value.kind == "timeout"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [
+        ("malformed", "not valid JSON"),
+        ("truncated", "truncated"),
+        ("missing_content", "no 'message'"),
+    ],
+)
+async def test_a_garbled_reply_is_a_permanent_malformed_error_with_the_reason(
+    fake: FakeOllama, backend: OllamaBackend, mode: str, reason: str
+) -> None:
+    fake.configure(mode=mode)
+    with pytest.raises(PermanentBackendError) as caught:
+        await backend.run(request())
+    assert caught.value.kind == "malformed"
+    assert reason in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_a_reply_without_message_content_is_malformed() -> None:
+    def reply(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"model": MODEL, "message": {"role": "assistant"}})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(reply))
+    backend = OllamaBackend("http://ollama.test", MODEL, client=client)
+    with pytest.raises(PermanentBackendError) as caught:
+        await backend.run(request())
+    await client.aclose()
+    assert caught.value.kind == "malformed"
+    assert "message.content" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_fail_next_fails_only_that_many_requests_then_answers_again(
+    fake: FakeOllama, backend: OllamaBackend
+) -> None:
+    fake.configure(fail_next=2, fail_next_mode="busy503")
+    for _ in range(2):
+        with pytest.raises(TransientBackendError):
+            await backend.run(request())
+    assert await backend.run(request("third")) == "echo: third"
+    assert fake.stats()["injected_errors"] == 2
+
+
+@pytest.mark.anyio
+async def test_errors_are_retryable_exactly_when_transient(fake: FakeOllama, backend: OllamaBackend) -> None:
+    fake.configure(fail_next=1, fail_next_mode="busy503")
+    with pytest.raises(TransientBackendError) as transient:
+        await backend.run(request())
+    fake.configure(fail_next=1, fail_next_mode="malformed")
+    with pytest.raises(PermanentBackendError) as permanent:
+        await backend.run(request())
+    assert transient.value.transient is True
+    assert permanent.value.transient is False
+
+
+# -- cancellation, client ownership ------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_cancelling_a_call_abandons_the_request_at_once(
+    fake: FakeOllama, backend: OllamaBackend
+) -> None:
+    fake.configure(mode="hang")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(backend.run, request())
+        await async_wait_until(lambda: fake.stats()["active"] == 1)
+        tg.cancel_scope.cancel()
+    fake.configure(mode="ok")
+    fake.release()
+    assert await backend.run(request("after")) == "echo: after"
+
+
+@pytest.mark.anyio
+async def test_aclose_leaves_a_client_it_was_given_open(fake: FakeOllama) -> None:
+    async with httpx.AsyncClient() as client:
+        backend = OllamaBackend(fake.url, MODEL, client=client)
+        await backend.aclose()
+        assert not client.is_closed
+        assert await backend.run(request()) == "echo: hello"
+
+
+# -- probe ------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_probe_reports_the_version_and_the_pulled_models(backend: OllamaBackend) -> None:
+    assert await backend.probe() == {
+        "reachable": True,
+        "version": "0.12.6",
+        "models": [MODEL, "llama3.2:latest"],
+        "error": None,
+    }
+
+
+@pytest.mark.anyio
+async def test_probe_of_a_dead_server_says_unreachable_and_how_to_fix_it(
+    closed_port: int,
+) -> None:
+    backend = OllamaBackend(f"http://127.0.0.1:{closed_port}", MODEL)
+    try:
+        result = await backend.probe()
+    finally:
+        await backend.aclose()
+    assert result["reachable"] is False
+    assert result["version"] is None
+    assert result["models"] == []
+    assert "ollama serve" in result["error"]
+
+
+@pytest.mark.anyio
+async def test_probe_of_something_that_is_not_ollama_is_reachable_with_an_error(
+    fake: FakeOllama,
+) -> None:
+    backend = OllamaBackend(fake.url + "/elsewhere", MODEL)
+    try:
+        result = await backend.probe()
+    finally:
+        await backend.aclose()
+    assert result["reachable"] is True
+    assert "404" in result["error"]
+
+
+def test_model_present_treats_a_missing_tag_as_latest() -> None:
+    models = ["llama3.2:latest", "gpt-oss:20b"]
+    assert model_present(models, "llama3.2")
+    assert model_present(models, "llama3.2:latest")
+    assert model_present(["llama3.2"], "llama3.2:latest")
+    assert model_present(models, "gpt-oss:20b")
+    assert not model_present(models, "gpt-oss")
+    assert not model_present(models, "gpt-oss:120b")
+    assert not model_present([], "llama3.2")
+
+
+# -- the fake itself ----------------------------------------------------------------------------
+
+
+def test_the_fake_streams_ndjson_chat_chunks_by_default_like_ollama(fake: FakeOllama) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "one two"}]}
+    response = httpx.post(f"{fake.url}/api/chat", json=body)
+    assert response.headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert "".join(line["message"]["content"] for line in lines) == "echo: one two"
+    assert [line["done"] for line in lines][-1] is True
+    assert lines[-1]["done_reason"] == "stop"
+    assert {"total_duration", "eval_count", "created_at", "model"} <= set(lines[-1])
+
+
+def test_the_fake_answers_generate_with_a_response_field(fake: FakeOllama) -> None:
+    body = {"model": MODEL, "prompt": "why?", "stream": False}
+    reply = httpx.post(f"{fake.url}/api/generate", json=body).json()
+    assert reply["response"] == "echo: why?"
+    assert reply["done"] is True
+    assert fake.stats()["by_path"] == {"/api/generate": 1}
+
+
+def test_the_fake_speaks_the_openai_chat_completions_dialect(fake: FakeOllama) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    reply = httpx.post(f"{fake.url}/v1/chat/completions", json=body).json()
+    assert reply["object"] == "chat.completion"
+    assert reply["choices"][0]["message"] == {"role": "assistant", "content": "echo: hi"}
+
+    streamed = httpx.post(f"{fake.url}/v1/chat/completions", json={**body, "stream": True})
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    text = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks)
+    assert text == "echo: hi"
+
+    missing = httpx.post(f"{fake.url}/v1/chat/completions", json={**body, "model": "nope"})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found_error"
+
+
+def test_the_fake_rejects_unknown_config_keys_and_modes(fake: FakeOllama) -> None:
+    assert httpx.post(f"{fake.url}/_fake/config", json={"bogus": 1}).status_code == 400
+    assert httpx.post(f"{fake.url}/_fake/config", json={"mode": "weird"}).status_code == 400
+    config = httpx.post(f"{fake.url}/_fake/config", json={"latency_s": 0.01}).json()
+    assert config["latency_s"] == 0.01
+
+
+@pytest.mark.anyio
+async def test_the_fake_processes_at_most_slots_requests_at_once(fake: FakeOllama) -> None:
+    fake.configure(slots=2, mode="hang")
+    async with httpx.AsyncClient() as client, anyio.create_task_group() as tg:
+        for index in range(4):
+            body = {"model": MODEL, "messages": [{"role": "user", "content": f"p{index}"}]}
+            tg.start_soon(lambda b=body: client.post(f"{fake.url}/api/chat", json=b, timeout=10))
+        # two hold the slots (hanging), two wait at the gate: the work really overlapped
+        await async_wait_until(lambda: fake.stats()["active"] == 2 and fake.stats()["in_flight"] == 4)
+        fake.configure(mode="ok")
+        fake.release()
+    stats = fake.stats()
+    assert stats["max_concurrency"] == 2
+    assert stats["max_in_flight"] == 4
+    assert sorted(stats["prompts"]) == ["p0", "p1", "p2", "p3"]
+
+
+def test_stopping_the_fake_ends_hanging_requests() -> None:
+    server = FakeOllama(models=[MODEL], mode="hang").start()
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            httpx.post(f"{server.url}/api/chat", json={"model": MODEL, "messages": []}, timeout=30)
+        except httpx.HTTPError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    wait_until(lambda: server.stats()["active"] == 1)
+    server.stop()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert errors  # the client saw the connection drop
+
+
+def test_the_fake_runs_as_a_process_configured_over_http() -> None:
+    with FakeOllamaProcess(models=[MODEL], latency_s=0.01) as process:
+        assert process.url.startswith("http://127.0.0.1:")
+        process.configure(mode="busy503")
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": False}
+        assert httpx.post(f"{process.url}/api/chat", json=body).status_code == 503
+        process.configure(mode="ok")
+        assert httpx.post(f"{process.url}/api/chat", json=body).json()["message"]["content"] == ("echo: x")
+        assert process.stats()["prompts"] == ["x", "x"]
+        child = process.process
+        assert child is not None
+    assert child.returncode is not None
