@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import httpx
+
 from koubou_mcp import __version__, queue
 from koubou_mcp.config import KNOBS, PRIORITY_MAX, PRIORITY_MIN, TASK_TYPES, ConfigError, Settings
 from koubou_mcp.models import FINAL_STATUSES, TaskStatus, utcnow
@@ -149,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_flags(p)
     p.add_argument("--timeout", type=_seconds, default=60.0,
                    help="seconds to wait for it to drain; default 60")
+
+    p = sub.add_parser("load-test", help="send N mixed tasks and report throughput, latencies "
+                                          "and the pool's size (the seed's load_test.py)")
+    _add_store_flags(p)
+    p.add_argument("-n", "--count", type=_positive_int, default=50, help="tasks to send; default 50")
+    p.add_argument("--code-share", type=float, default=0.3,
+                   help="share of `code` tasks, 0 to 1; default 0.3")
+    p.add_argument("--url", help="send through a running server's REST API instead of the store "
+                                 "(e.g. http://127.0.0.1:8765)")
+    p.add_argument("--token", help="bearer token for --url (env KOUBOU_HTTP_TOKEN)")
+    p.add_argument("--timeout", type=_seconds, default=600.0,
+                   help="stop following the tasks after this many seconds; default 600")
+    p.add_argument("--seed", type=int, help="random seed, for a repeatable mix")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     p = sub.add_parser("doctor", help="check the database, Ollama and the Codex CLI")
     _add_store_flags(p)
@@ -387,10 +403,41 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(settings, as_json=args.json)
 
 
+def cmd_load_test(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from koubou_mcp import loadtest
+
+    if not 1 <= args.count <= 100_000:
+        raise UsageError(f"--count must be from 1 to 100000, got {args.count}")
+    if not 0.0 <= args.code_share <= 1.0:
+        raise UsageError(f"--code-share must be from 0 to 1, got {args.code_share}")
+    store: Store | None = None
+    target: loadtest.Target
+    if args.url:
+        token = args.token or os.environ.get("KOUBOU_HTTP_TOKEN") or None
+        target = loadtest.RestTarget(args.url, token)
+    else:
+        store = _store(settings)
+        target = loadtest.StoreTarget(store, settings)
+    try:
+        result = loadtest.run_load(target, args.count, code_share=args.code_share,
+                                   seed=args.seed, timeout_s=args.timeout)
+    except httpx.HTTPError as exc:
+        print(f"koubou-mcp: error: the server at {args.url} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        target.close()
+        if store is not None:
+            store.close()
+    _print_json(result.as_dict()) if args.json else print(loadtest.summary(result))
+    return EXIT_OK if result.finished and result.statuses.get("completed") == result.submitted \
+        else EXIT_FAILED
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": cmd_serve, "worker": cmd_worker, "pool": cmd_pool, "submit": cmd_submit,
     "status": cmd_status, "tasks": cmd_tasks, "cancel": cmd_cancel, "stats": cmd_stats,
-    "stop": cmd_stop, "doctor": cmd_doctor,
+    "stop": cmd_stop, "doctor": cmd_doctor, "load-test": cmd_load_test,
 }
 
 
