@@ -649,3 +649,53 @@ def _type_name(value: Any) -> str:
 def _short(value: Any) -> str:
     text_ = repr(value)
     return text_ if len(text_) <= 60 else text_[:57] + "..."
+
+
+# -- supervisor support -------------------------------------------------------------------
+
+def get_worker(store: Store, worker_id: str) -> Worker | None:
+    """The ``workers`` row of ``worker_id`` (any status), or None when it never registered."""
+    with store.read() as conn:
+        row = conn.execute(select(W).where(W.c.worker_id == worker_id)).first()
+    return None if row is None else Worker(**row._mapping)
+
+
+def mark_silent_workers_offline(store: Store, now: datetime, silent_s: float,
+                                keep: Sequence[str] = ()) -> list[str]:
+    """Mark offline the rows of workers that have not heartbeaten for ``silent_s`` seconds
+    (they died without saying so, possibly on another machine), except those in ``keep``.
+
+    Their tasks are not touched: leases expire on their own and ``requeue_expired`` gives them
+    back. A worker marked offline by mistake becomes busy/idle again at its next task.
+    Returns the ids marked.
+    """
+    where = and_(W.c.status != WorkerStatus.OFFLINE.value,
+                 W.c.last_heartbeat < now - timedelta(seconds=silent_s))
+    if keep:
+        where = and_(where, W.c.worker_id.not_in(list(keep)))
+    with store.write() as conn:
+        rows = conn.execute(
+            update(W).where(where).values(status=WorkerStatus.OFFLINE.value, current_task=None,
+                                          idle_since=None, stopped_at=now)
+            .returning(W.c.worker_id)
+        ).all()
+    return [row.worker_id for row in rows]
+
+
+@dataclass(frozen=True)
+class RunningTask:
+    """The few columns of an in-progress task the supervisor's deadline check needs."""
+
+    task_id: str
+    worker_id: str | None
+    started_at: datetime | None
+    timeout_s: float
+
+
+def running_task_deadlines(store: Store) -> list[RunningTask]:
+    """Tasks in progress, without their prompts and results (read every supervisor tick)."""
+    with store.read() as conn:
+        return [RunningTask(r.task_id, r.worker_id, r.started_at, r.timeout_s)
+                for r in conn.execute(
+                    select(T.c.task_id, T.c.worker_id, T.c.started_at, T.c.timeout_s)
+                    .where(T.c.status == TaskStatus.IN_PROGRESS.value))]

@@ -1,0 +1,105 @@
+"""Finding and stopping the processes of the supervisor tests (used by conftest and tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from koubou_mcp.config import Settings
+from tests.waiting import pid_alive
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _worker_env_home(pid: int) -> str | None:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    for item in raw.split(b"\0"):
+        if item.startswith(b"KOUBOU_HOME="):
+            return item.split(b"=", 1)[1].decode(errors="replace")
+    return None
+
+
+def worker_processes(home: Path) -> list[int]:
+    """Pids of live ``koubou_mcp worker`` processes whose KOUBOU_HOME is ``home``, found in
+    /proc (so also those that never got to register a row)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"koubou_mcp" in argv and b"worker" in argv:
+            pid = int(entry.name)
+            if pid_alive(pid) and _worker_env_home(pid) == str(home):
+                pids.append(pid)
+    return pids
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def kill_workers(home: Path) -> None:
+    for pid in worker_processes(home):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+class PoolProcesses:
+    """``koubou-mcp pool`` processes started by a test (``python -m koubou_mcp pool``)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, settings: Settings, *args: str) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        env.update(settings.to_env())
+        n = len(self.started)
+        out = open(self.tmp_path / f"pool{n}.stdout", "wb")  # noqa: SIM115 - closed below
+        err = open(self.tmp_path / f"pool{n}.stderr", "wb")  # noqa: SIM115
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "koubou_mcp", "pool", *args], cwd=REPO_ROOT, env=env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+            )
+        finally:
+            out.close()
+            err.close()
+        self.started.append(process)
+        return process
+
+    def stderr(self, process: subprocess.Popen[bytes]) -> str:
+        return (self.tmp_path / f"pool{self.started.index(process)}.stderr").read_text()
+
+    def stdout(self, process: subprocess.Popen[bytes]) -> str:
+        return (self.tmp_path / f"pool{self.started.index(process)}.stdout").read_text()
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for process in self.started:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+
+

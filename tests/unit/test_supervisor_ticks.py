@@ -1,0 +1,424 @@
+"""The supervisor's decisions with stand-in processes and a fake clock (no real workers here;
+tests/integration/test_supervisor.py runs real ones), on SQLite and PostgreSQL.
+
+Each test drives ``tick(now)`` by hand. The stand-in processes are told how to behave; the
+worker rows that real workers would write are written with the queue's own functions.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import pytest
+
+from koubou_mcp import queue
+from koubou_mcp.config import Settings
+from koubou_mcp.models import TaskStatus, WorkerStatus
+from koubou_mcp.store import Store
+from koubou_mcp.supervisor import (
+    LOCK_FILE,
+    Phase,
+    Supervisor,
+    Tuning,
+    lock_is_held,
+    read_holder,
+    stop_pool,
+)
+
+T0 = datetime(2026, 11, 28, 12, 0, 0)
+_pids = itertools.count(900_000)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+@dataclass
+class FakeProcess:
+    """A worker process that exits only when the test (or a signal it obeys) says so."""
+
+    worker_id: str
+    pid: int = field(default_factory=lambda: next(_pids))
+    code: int | None = None
+    obeys_sigterm: bool = True
+    signals: list[str] = field(default_factory=list)
+
+    def poll(self) -> int | None:
+        return self.code
+
+    def terminate(self) -> None:
+        self.signals.append("TERM")
+        if self.obeys_sigterm and self.code is None:
+            self.code = 0
+
+    def kill(self) -> None:
+        self.signals.append("KILL")
+        if self.code is None:
+            self.code = -9
+
+
+class FakeLauncher:
+    def __init__(self) -> None:
+        self.started: list[FakeProcess] = []
+        self.fail_with: OSError | None = None
+        self.obey_sigterm = True
+
+    def __call__(self, worker_id: str) -> FakeProcess:
+        if self.fail_with is not None:
+            raise self.fail_with
+        process = FakeProcess(worker_id, obeys_sigterm=self.obey_sigterm)
+        self.started.append(process)
+        return process
+
+
+@pytest.fixture
+def launcher() -> FakeLauncher:
+    return FakeLauncher()
+
+
+@pytest.fixture
+def pool_settings(store_settings: Settings) -> Settings:
+    return store_settings.with_overrides(min_workers=1, max_workers=4, idle_timeout_s=10.0,
+                                   lease_s=30.0, drain_grace_s=2.0, stats_interval_s=5.0)
+
+
+@pytest.fixture
+def sup(pool_settings: Settings, store: Store, launcher: FakeLauncher
+        ) -> Iterator[Supervisor]:
+    supervisor = Supervisor(pool_settings, store, launcher=launcher,
+                            tuning=Tuning(wake_on_work=False, force_wait_s=0.3,
+                                          drain_margin_s=0.3))
+    assert supervisor.try_lead()
+    yield supervisor
+    supervisor.close()
+
+
+def become_ready(store: Store, process: FakeProcess, now: datetime) -> None:
+    """What a real worker does when it starts: register, then report idle."""
+    queue.register_worker(store, process.worker_id, process.pid, now)
+    queue.set_worker_status(store, process.worker_id, WorkerStatus.IDLE, now)
+
+
+def submit(store: Store, settings: Settings, n: int = 1, now: datetime = T0,
+           **fields: object) -> list[queue.Task]:
+    return [queue.enqueue(store, queue.validate_request(settings, f"task {i}", **fields),
+                          settings, now).task for i in range(n)]
+
+
+def test_an_empty_pool_starts_the_minimum_and_counts_starters_as_capacity(
+    sup: Supervisor, launcher: FakeLauncher
+) -> None:
+    assert sup.tick(at(0)).spawn == 1
+    assert len(launcher.started) == 1
+    assert sup.tick(at(1)).spawn == 0  # still starting: not started twice
+    assert sup.health()["workers"]["starting"] == 1
+
+
+def test_a_burst_grows_the_pool_to_max_in_one_decision(
+    sup: Supervisor, launcher: FakeLauncher, store: Store, pool_settings: Settings
+) -> None:
+    sup.tick(at(0))
+    become_ready(store, launcher.started[0], at(0.5))
+    sup.tick(at(1))
+    submit(store, pool_settings, 50, now=at(1.5))
+    decision = sup.tick(at(2))
+    assert (decision.desired, decision.spawn) == (4, 3)
+    assert len(launcher.started) == 4
+    assert sup.tick(at(2.5)).spawn == 0
+
+
+def test_a_worker_that_dies_holding_a_task_gives_it_back_at_once_and_is_replaced(
+    sup: Supervisor, launcher: FakeLauncher, store: Store, pool_settings: Settings
+) -> None:
+    sup.tick(at(0))
+    process = launcher.started[0]
+    become_ready(store, process, at(0.5))
+    sup.tick(at(1))
+    (task,) = submit(store, pool_settings, now=at(1))
+    claimed = queue.claim_next(store, process.worker_id, at(1.1), pool_settings.lease_s)
+    assert claimed is not None and claimed.task_id == task.task_id
+    sup.tick(at(1.5))
+    process.code = -9  # SIGKILLed by someone
+
+    decision = sup.tick(at(2))  # the lease (30 s) is far from over
+
+    after = queue.get_task(store, task.task_id)
+    assert after.status == TaskStatus.PENDING
+    assert after.error is not None and "SIGKILL" in after.error
+    row = queue.get_worker(store, process.worker_id)
+    assert row is not None and row.status == WorkerStatus.OFFLINE
+    assert decision.spawn == 1 and len(launcher.started) == 2  # replaced
+    assert not sup.health()["crash_loop"]["active"]  # it had started fine
+
+
+def test_workers_that_die_at_start_up_are_restarted_one_at_a_time_with_backoff(
+    sup: Supervisor, launcher: FakeLauncher, store: Store
+) -> None:
+    sup.tick(at(0))
+    launcher.started[-1].code = 1  # dies before registering
+    sup.tick(at(0.5))
+    health = sup.health()["crash_loop"]
+    assert health["active"] and health["failures_in_a_row"] == 1
+    assert "before it was ready" in health["last_failure"]
+    assert len(launcher.started) == 1  # backoff: 1 s
+
+    sup.tick(at(1.6))
+    assert len(launcher.started) == 2  # the probe
+    launcher.started[-1].code = 1
+    sup.tick(at(2.0))  # second failure: 2 s
+    sup.tick(at(3.5))
+    assert len(launcher.started) == 2
+    assert sup.health()["crash_loop"]["backoff_s"] == 2
+    sup.tick(at(4.1))
+    assert len(launcher.started) == 3
+
+    become_ready(store, launcher.started[-1], at(4.5))
+    sup.tick(at(5))
+    assert not sup.health()["crash_loop"]["active"]
+
+
+def test_a_burst_during_a_crash_loop_starts_only_one_probe(
+    sup: Supervisor, launcher: FakeLauncher, store: Store, pool_settings: Settings
+) -> None:
+    sup.tick(at(0))
+    launcher.started[-1].code = 1
+    submit(store, pool_settings, 20, now=at(0.1))
+    sup.tick(at(0.5))
+    sup.tick(at(2))
+    sup.tick(at(2.5))
+    assert len(launcher.started) == 2
+
+
+def test_a_launcher_error_counts_as_a_start_up_failure(
+    sup: Supervisor, launcher: FakeLauncher
+) -> None:
+    launcher.fail_with = OSError(24, "Too many open files")
+    sup.tick(at(0))
+    assert sup.health()["crash_loop"]["failures_in_a_row"] == 1
+    assert "Too many open files" in sup.health()["crash_loop"]["last_failure"]
+
+
+def test_a_worker_that_never_gets_ready_is_killed_as_a_failed_start(
+    pool_settings: Settings, store: Store, launcher: FakeLauncher
+) -> None:
+    sup = Supervisor(pool_settings, store, launcher=launcher,
+                     tuning=Tuning(wake_on_work=False, startup_timeout_s=5))
+    assert sup.try_lead()
+    try:
+        sup.tick(at(0))
+        sup.tick(at(6))
+        assert launcher.started[0].signals == ["KILL"]
+        assert sup.health()["crash_loop"]["failures_in_a_row"] == 1
+    finally:
+        sup.close()
+
+
+def test_idle_workers_retire_after_the_timeout_longest_idle_first(
+    sup: Supervisor, launcher: FakeLauncher, store: Store, pool_settings: Settings
+) -> None:
+    sup.tick(at(0))
+    submit(store, pool_settings, 8, now=at(0))
+    sup.tick(at(0.1))
+    assert len(launcher.started) == 4
+    for i, process in enumerate(launcher.started):
+        become_ready(store, process, at(1 + i))  # idle since 1, 2, 3, 4 s
+    for task in queue.list_tasks(store):
+        queue.cancel(store, task.task_id, at(1))  # nothing left to do
+
+    sup.tick(at(11.5))  # idle 10.5, 9.5, 8.5, 7.5 s: only the first is past 10 s
+    assert [p.signals for p in launcher.started] == [["TERM"], [], [], []]
+    sup.tick(at(20))  # all past: down to min, longest idle first
+    assert [p.signals for p in launcher.started] == [["TERM"], ["TERM"], ["TERM"], []]
+    sup.tick(at(20.5))
+    assert sup.health()["workers"]["total"] == 1
+
+
+def test_a_retiring_worker_that_ignores_sigterm_is_killed_after_the_drain_grace(
+    sup: Supervisor, launcher: FakeLauncher, store: Store, pool_settings: Settings
+) -> None:
+    launcher.obey_sigterm = False
+    sup.tick(at(0))
+    submit(store, pool_settings, 8, now=at(0))
+    sup.tick(at(0.1))
+    for process in launcher.started:
+        become_ready(store, process, at(1))
+    for task in queue.list_tasks(store):
+        queue.cancel(store, task.task_id, at(1))
+    sup.tick(at(12))
+    retiring = [p for p in launcher.started if p.signals == ["TERM"]]
+    assert len(retiring) == 3
+    rows = {w.worker_id: w.status for w in queue.list_workers(store)}
+    assert all(rows[p.worker_id] == WorkerStatus.STOPPING for p in retiring)
+    sup.tick(at(12 + pool_settings.drain_grace_s + 0.1))  # within the margin
+    assert all(p.signals == ["TERM"] for p in retiring)
+    sup.tick(at(12 + pool_settings.drain_grace_s + 1))
+    assert all(p.signals == ["TERM", "KILL"] for p in retiring)
+
+
+def test_a_task_past_its_time_limit_gets_its_worker_killed_and_fails(
+    sup: Supervisor, launcher: FakeLauncher, store: Store, pool_settings: Settings
+) -> None:
+    sup.tick(at(0))
+    process = launcher.started[0]
+    become_ready(store, process, at(0.5))
+    (task,) = submit(store, pool_settings, now=at(1), timeout_s=5)
+    queue.claim_next(store, process.worker_id, at(1), pool_settings.lease_s)
+    sup.tick(at(1 + 5 + sup.tuning.overdue_grace_s - 0.5))
+    assert process.signals == []
+    sup.tick(at(1 + 5 + sup.tuning.overdue_grace_s + 0.5))
+    assert process.signals == ["KILL"]
+    failed = queue.get_task(store, task.task_id)
+    assert failed.status == TaskStatus.FAILED and failed.error == "timed out after 5 s"
+    assert failed.error_kind == "timeout"
+    assert len(launcher.started) == 2  # a killed worker is no capacity: replaced at once
+    sup.tick(at(17))  # reaped: an expected exit, not a crash loop
+    assert process.worker_id not in sup.workers
+    assert not sup.health()["crash_loop"]["active"]
+
+
+def test_expired_leases_of_unknown_workers_are_recovered_and_silent_rows_go_offline(
+    sup: Supervisor, store: Store, pool_settings: Settings
+) -> None:
+    (task,) = submit(store, pool_settings, now=at(0))
+    queue.register_worker(store, "elsewhere", 4242, at(0), host="other-machine")
+    queue.claim_next(store, "elsewhere", at(0), pool_settings.lease_s)
+    sup.tick(at(pool_settings.lease_s + 1))
+    assert queue.get_task(store, task.task_id).status == TaskStatus.PENDING
+    row = queue.get_worker(store, "elsewhere")
+    assert row is not None and row.status == WorkerStatus.OFFLINE
+
+
+def test_statistics_go_to_worker_pool_log_even_without_logging_set_up(
+    sup: Supervisor, pool_settings: Settings, store: Store
+) -> None:
+    submit(store, pool_settings, 2, now=at(0))
+    sup.tick(at(0))
+    sup.tick(at(pool_settings.stats_interval_s + 0.1))
+    text = (pool_settings.logs_dir / "worker_pool.log").read_text()
+    assert "Worker Pool Statistics" in text and "Active Workers:" in text
+    assert "  • pending: 2 tasks" in text
+    assert (pool_settings.logs_dir / "worker_pool.log").stat().st_mode & 0o777 == 0o600
+
+
+def test_stop_workers_drains_then_forces_then_kills(
+    sup: Supervisor, launcher: FakeLauncher, store: Store, pool_settings: Settings
+) -> None:
+    launcher.obey_sigterm = False
+    sup.tick(at(0))
+    process = launcher.started[0]
+    become_ready(store, process, at(0))
+    (task,) = submit(store, pool_settings, now=at(0))
+    queue.claim_next(store, process.worker_id, at(0), pool_settings.lease_s)
+    sup.tick(at(0.5))
+
+    sup.stop_workers(force=True)
+
+    assert process.signals == ["TERM", "TERM", "KILL"]
+    assert sup.workers == {}
+    assert queue.get_task(store, task.task_id).status == TaskStatus.PENDING
+
+
+def test_only_one_supervisor_leads_a_home_and_another_takes_over(
+    pool_settings: Settings, store: Store, launcher: FakeLauncher
+) -> None:
+    first = Supervisor(pool_settings, store, launcher=launcher, role="pool")
+    second = Supervisor(pool_settings, store, launcher=launcher, role="server")
+    try:
+        assert first.try_lead()
+        assert not second.try_lead()
+        assert lock_is_held(pool_settings.run_dir)
+        holder = read_holder(pool_settings.run_dir)
+        assert holder is not None and (holder.pid, holder.role) == (os.getpid(), "pool")
+        with pytest.raises(RuntimeError, match="leadership"):
+            second.tick(at(0))
+        first.resign()
+        assert not lock_is_held(pool_settings.run_dir)
+        assert read_holder(pool_settings.run_dir) is None
+        assert second.try_lead()
+        holder = read_holder(pool_settings.run_dir)
+        assert holder is not None and holder.role == "server"
+    finally:
+        first.close()
+        second.close()
+    assert (pool_settings.run_dir / LOCK_FILE).stat().st_mode & 0o777 == 0o600
+
+
+def test_stop_says_so_when_no_pool_runs(pool_settings: Settings) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    assert stop_pool(pool_settings, 1.0, out=out, err=err) == 1
+    assert "no pool is running" in err.getvalue() and out.getvalue() == ""
+
+
+def test_stop_leaves_a_pool_hosted_by_a_server_alone(
+    pool_settings: Settings, store: Store
+) -> None:
+    hosted = Supervisor(pool_settings, store, role="server")
+    try:
+        assert hosted.try_lead()
+        err = io.StringIO()
+        assert stop_pool(pool_settings, 1.0, out=io.StringIO(), err=err) == 1
+        assert "inside a koubou-mcp server" in err.getvalue()
+    finally:
+        hosted.close()
+
+
+def test_stop_never_signals_a_process_that_is_not_koubou_mcp(
+    pool_settings: Settings, store: Store
+) -> None:
+    # the lock holder here is pytest itself, posing as a pool
+    impostor = Supervisor(pool_settings, store, role="pool")
+    try:
+        assert impostor.try_lead()
+        err = io.StringIO()
+        assert stop_pool(pool_settings, 1.0, out=io.StringIO(), err=err) == 1
+        assert "is not koubou-mcp" in err.getvalue() and "not signalling" in err.getvalue()
+    finally:
+        impostor.close()
+
+
+def test_a_phase_other_than_running_is_not_capacity(
+    sup: Supervisor, launcher: FakeLauncher, store: Store
+) -> None:
+    sup.tick(at(0))
+    become_ready(store, launcher.started[0], at(0))
+    launcher.obey_sigterm = False
+    launcher.started[0].obeys_sigterm = False
+    sup.workers[launcher.started[0].worker_id].phase = Phase.RETIRING
+    assert sup.tick(at(1)).spawn == 1
+
+
+def test_the_pool_log_handler_is_removed_on_resign(
+    pool_settings: Settings, store: Store
+) -> None:
+    logger = logging.getLogger("koubou_mcp.supervisor")
+    before = list(logger.handlers)
+    sup = Supervisor(pool_settings, store)
+    assert sup.try_lead()
+    assert len(logger.handlers) == len(before) + 1
+    sup.close()
+    assert logger.handlers == before
+
+
+def test_the_queue_functions_the_supervisor_adds(store: Store, pool_settings: Settings) -> None:
+    assert queue.get_worker(store, "nobody") is None
+    queue.register_worker(store, "old", 1, at(0))
+    queue.register_worker(store, "mine", 2, at(0))
+    queue.register_worker(store, "fresh", 3, at(25))
+    (task,) = submit(store, pool_settings, now=at(0), timeout_s=7)
+    queue.claim_next(store, "fresh", at(26), pool_settings.lease_s)
+
+    assert queue.mark_silent_workers_offline(store, at(30), 10, keep=["mine"]) == ["old"]
+    old = queue.get_worker(store, "old")
+    assert old is not None and old.status == WorkerStatus.OFFLINE and old.stopped_at == at(30)
+    mine = queue.get_worker(store, "mine")
+    assert mine is not None and mine.status == WorkerStatus.STARTING
+
+    (running,) = queue.running_task_deadlines(store)
+    assert (running.task_id, running.worker_id, running.started_at, running.timeout_s) == (
+        task.task_id, "fresh", at(26), 7)
