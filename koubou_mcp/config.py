@@ -142,6 +142,10 @@ class Settings:
     def run_dir(self) -> Path:
         return self.home / "run"
 
+    def child_groups_dir(self, worker_id: str) -> Path:
+        """Where a worker notes the process groups of its running Codex children."""
+        return self.run_dir / "children" / worker_id
+
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")

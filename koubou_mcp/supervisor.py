@@ -569,6 +569,9 @@ class Supervisor:
 
     def _reaped(self, m: Managed, code: int, now: datetime) -> None:
         how = describe_exit(code)
+        for pgid in kill_orphaned_groups(self.settings.child_groups_dir(m.worker_id)):
+            self.log.warning("killed process group %d that worker %s left running", pgid,
+                             m.worker_id)
         row = None if m.ready else self._db(queue.get_worker, self.store, m.worker_id)
         started = m.ready or (row is not None and row.status != WorkerStatus.STARTING.value)
         recovered = self._db(queue.requeue_worker, self.store, m.worker_id, now,
@@ -1050,3 +1053,25 @@ __all__ = [
     "Supervisor", "Tuning", "WorkerProcess", "lock_is_held", "read_holder", "run_pool",
     "start_in_thread", "stop_pool",
 ]
+
+
+def kill_orphaned_groups(directory: Path) -> list[int]:
+    """SIGKILL the process groups a dead worker noted in ``directory`` (its Codex children run
+    in sessions of their own and would outlive it), then remove the notes."""
+    killed: list[int] = []
+    try:
+        entries = list(directory.iterdir())
+    except FileNotFoundError:
+        return killed
+    for entry in entries:
+        if entry.name.isdigit():
+            try:
+                os.killpg(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass  # already gone
+        with contextlib.suppress(OSError):
+            entry.unlink()
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+    return killed

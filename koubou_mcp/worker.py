@@ -41,15 +41,17 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def build_backends(settings: Settings) -> dict[str, Backend]:
+def build_backends(settings: Settings, worker_id: str) -> dict[str, Backend]:
     """One backend per task type, as configured."""
     return {
         "general": OllamaBackend(settings.ollama_url, settings.general_model),
         "code": CodexBackend(
             settings.codex_bin, settings.code_model, settings.ollama_url,
             settings.codex_sandbox, str(settings.workdir),
+            groups_dir=str(settings.child_groups_dir(worker_id)),
         ),
     }
+
 
 
 class Interrupt(StrEnum):
@@ -285,6 +287,6 @@ class Worker:
 def run_worker(settings: Settings, store: Store, worker_id: str, *,
                supervisor_pid: int | None = None, max_tasks: int | None = None) -> None:
     """Run a worker in this process until it is told to stop."""
-    worker = Worker(settings, store, worker_id, build_backends(settings),
+    worker = Worker(settings, store, worker_id, build_backends(settings, worker_id),
                     supervisor_pid=supervisor_pid, max_tasks=max_tasks)
     anyio.run(worker.run)

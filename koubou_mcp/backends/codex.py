@@ -84,6 +84,7 @@ class CodexBackend:
         kill_grace_s: float = 1.0,
         probe_timeout_s: float = 10.0,
         output_dir: str | None = None,
+        groups_dir: str | None = None,
     ) -> None:
         self.codex_bin = codex_bin
         self.model = model
@@ -93,6 +94,10 @@ class CodexBackend:
         self.kill_grace_s = kill_grace_s
         self.probe_timeout_s = probe_timeout_s
         self.output_dir = output_dir  # where the -o files go (None: the system temp dir)
+        # One empty file per running Codex process group, named by its id, so whoever reaps a
+        # worker that was SIGKILLed (its own session dies with it, Codex's does not) can kill
+        # the orphaned tree too (see supervisor.kill_orphaned_groups).
+        self.groups_dir = groups_dir
         self._env = dict(os.environ if env is None else env)
         self._env["CODEX_OSS_BASE_URL"] = oss_base_url(ollama_url)
 
@@ -134,6 +139,7 @@ class CodexBackend:
                 stdin_data=request.prompt.encode("utf-8", errors="replace"),
                 env=self._env,
                 kill_grace_s=self.kill_grace_s,
+                groups_dir=self.groups_dir,
             )
             if returncode < 0:
                 raise PermanentBackendError(
@@ -262,6 +268,7 @@ async def _run_process(
     stdin_data: bytes | None,
     env: Mapping[str, str],
     kill_grace_s: float,
+    groups_dir: str | None = None,
 ) -> tuple[int, _Tail, _Tail]:
     """Run ``argv`` in a new session, feeding ``stdin_data`` and keeping tails of its output.
 
@@ -288,12 +295,29 @@ async def _run_process(
                 f"cannot start {argv[0]!r}: {exc}; {_INSTALL_HINT}", kind="codex_missing"
             ) from exc
         raise TransientBackendError(f"cannot start {argv[0]!r}: {exc}", kind="spawn_failed") from exc
+    marker = _record_group(groups_dir, process.pid)
     try:
         returncode = await _communicate(process, stdin_data, stdout, stderr)
     finally:
         with anyio.CancelScope(shield=True):
             await _stop_process_group(process, kill_grace_s)
+        if marker is not None:
+            with suppress(FileNotFoundError):
+                os.unlink(marker)
     return returncode, stdout, stderr
+
+
+def _record_group(groups_dir: str | None, pgid: int) -> str | None:
+    """Note a running process group in ``groups_dir`` (best effort; None when not kept)."""
+    if groups_dir is None:
+        return None
+    try:
+        os.makedirs(groups_dir, mode=0o700, exist_ok=True)
+        marker = os.path.join(groups_dir, str(pgid))
+        os.close(os.open(marker, os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError:
+        return None
+    return marker
 
 
 async def _communicate(

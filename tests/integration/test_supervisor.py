@@ -7,11 +7,15 @@ the supervisor as the product does: in a background thread (the MCP server's way
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
@@ -25,6 +29,7 @@ from tests.integration.pool_processes import (
     parent_pid,
     worker_processes,
 )
+from tests.procs import FAKE_CODEX
 from tests.waiting import pid_alive, wait_until
 
 
@@ -212,3 +217,31 @@ def test_workers_of_a_killed_pool_exit_by_themselves(
 
     wait_until(lambda: not any(pid_alive(pid) for pid in orphans), 10,
                message="the orphaned idle workers to exit")
+
+
+def test_the_codex_tree_of_a_sigkilled_worker_is_killed_when_the_worker_is_reaped(
+    pool_thread: Callable[..., PoolHandle], pool_settings: Settings, sqlite_store: Store,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pidfile = tmp_path / "codex.pids"
+    # the supervisor passes its environment on to workers, and they to Codex
+    monkeypatch.setenv("FAKE_CODEX_MODE", "hang")
+    monkeypatch.setenv("FAKE_CODEX_PIDFILE", str(pidfile))
+    settings = pool_settings.with_overrides(codex_bin=str(FAKE_CODEX), workdir=tmp_path,
+                                            lease_s=30.0)
+    handle = pool_thread(settings)
+    wait_until(lambda: handle.health().get("workers", {}).get("idle") == 1, 20,
+               message="the first worker to be ready")
+    request = queue.validate_request(settings, "hang forever", "code")
+    task = queue.enqueue(sqlite_store, request, settings, utcnow()).task
+    wait_until(pidfile.exists, 15, message="codex to start")
+    pids = json.loads(wait_until(pidfile.read_text, message="the pid file"))
+    running = queue.get_task(sqlite_store, task.task_id)
+    victim = queue.get_worker(sqlite_store, running.worker_id or "")
+    assert victim is not None and victim.pid
+
+    os.kill(victim.pid, signal.SIGKILL)
+
+    wait_until(lambda: not pid_alive(pids["parent"]) and not pid_alive(pids["child"]), 10,
+               message="the orphaned codex process tree to be killed")
+    queue.cancel(sqlite_store, task.task_id, utcnow())
