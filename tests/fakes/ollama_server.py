@@ -317,6 +317,8 @@ def _token_count(text: str) -> int:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Real Ollama (Go) sets TCP_NODELAY; without it every reply waits ~40 ms on delayed ACKs.
+    disable_nagle_algorithm = True
     server: _Server
 
     # -- plumbing ---------------------------------------------------------------------------
