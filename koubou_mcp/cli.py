@@ -390,7 +390,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)  # validate before importing anything heavy
     from koubou_mcp.server import run_server
 
-    setup_logging(settings, settings.logs_dir / "mcp_server.log", stderr_level=logging.WARNING)
+    try:
+        setup_logging(settings, settings.logs_dir / "mcp_server.log",
+                      stderr_level=logging.WARNING)
+    except OSError as exc:  # serve anyway: health and tool errors say what is wrong
+        setup_logging(settings, None, stderr_level=logging.INFO)
+        log.warning("cannot write %s (%s); logging to stderr only",
+                    settings.logs_dir / "mcp_server.log", exc.strerror or exc)
     run_server(settings, pool=not args.no_pool, transport=args.transport, host=args.host,
                port=args.port)
     return EXIT_OK

@@ -1,0 +1,75 @@
+"""``koubou-mcp doctor``: check the setup and say how to fix each problem.
+
+Checks the home directory, the database (without creating a SQLite file), Ollama and its
+models, the Codex CLI, and whether a pool runs for this home (information only: the MCP server
+starts one when a client connects). Exit 0 when everything needed is fine, 1 otherwise. Never
+a traceback: every failure becomes a finding with a reason and a fix.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+import anyio
+
+from koubou_mcp import __version__, health
+from koubou_mcp.config import Settings
+
+
+async def run_checks(settings: Settings) -> list[health.Check]:
+    """Every check, in the order they are shown."""
+    found: dict[str, health.Check] = {}
+
+    async def ollama() -> None:
+        found["ollama"] = await health.check_ollama(settings)
+
+    async def codex() -> None:
+        found["codex"] = await health.check_codex(settings)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ollama)
+        tg.start_soon(codex)
+    home = health.check_home(settings)
+    database = await anyio.to_thread.run_sync(health.check_database, settings)
+    pool = health.check_supervisor(settings, None)
+    # information only: the MCP server starts the pool when a client connects
+    summary = pool.summary if pool.data.get("running") else (
+        "not running; the MCP server starts it when Claude Code connects (or run "
+        "`koubou-mcp pool`)")
+    pool = health.Check("pool", True, summary, data=pool.data)
+    return [home, database, found["ollama"], found["codex"], pool]
+
+
+def run_doctor(settings: Settings, as_json: bool = False, *, out: TextIO | None = None) -> int:
+    """Print the checks (text, or one JSON object) and return the exit code."""
+    out = out or sys.stdout
+    checks = anyio.run(run_checks, settings)
+    problems = [c for c in checks if not c.ok]
+    if as_json:
+        document: dict[str, Any] = {
+            "ok": not problems,
+            "version": __version__,
+            "home": str(settings.home),
+            "checks": [{"name": c.name, **c.as_dict()} for c in checks],
+            "problems": len(problems),
+        }
+        print(json.dumps(document, ensure_ascii=False), file=out)
+    else:
+        print(f"koubou-mcp {__version__} doctor  (KOUBOU_HOME={settings.home})", file=out)
+        for c in checks:
+            print(f"  {'ok' if c.ok else 'FAIL':<5} {c.name:<9} {c.summary}", file=out)
+            if not c.ok:
+                if c.reason:
+                    print(f"{'':17}why: {c.reason}", file=out)
+                if c.fix:
+                    print(f"{'':17}fix: {c.fix}", file=out)
+        if problems:
+            names = ", ".join(c.name for c in problems)
+            print(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} ({names})",
+                  file=out)
+        else:
+            print("all good: register the server with `claude mcp add koubou -- koubou-mcp`",
+                  file=out)
+    return 1 if problems else 0

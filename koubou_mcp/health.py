@@ -1,0 +1,353 @@
+"""Health of a koubou-mcp installation: the checks behind ``koubou://health`` and ``doctor``.
+
+Each check is a plain function returning a :class:`Check` (ok or not, what was found, why not,
+how to fix it). ``collect_health`` runs them against an open store and a running server and
+builds the ``koubou://health`` document; ``doctor`` runs them from the command line, where the
+store may not even open. Nothing here raises for an unhealthy system: problems are data.
+
+Overall status of the document:
+
+* ``down``: the database cannot be used, or no task type can run (Ollama unreachable, or every
+  configured model missing and Codex absent);
+* ``degraded``: something is wrong but some work can proceed (a model missing, Codex not
+  installed, no live workers to run queued tasks);
+* ``ok``: everything checked is fine.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+from sqlalchemy.engine import make_url
+
+from koubou_mcp import __version__, queue
+from koubou_mcp.backends.codex import CodexBackend
+from koubou_mcp.backends.ollama import OllamaBackend, model_present
+from koubou_mcp.config import Settings
+from koubou_mcp.models import TaskStatus, WorkerStatus, utcnow
+from koubou_mcp.store import Store, StoreError, open_store
+from koubou_mcp.supervisor import lock_is_held, read_holder
+
+#: How long a health read waits for Ollama before calling it unreachable, s
+OLLAMA_PROBE_TIMEOUT_S = 2.0
+#: How long ``codex --version`` may take, s (Node start-up can be slow on a cold cache)
+CODEX_PROBE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one check. ``reason`` and ``fix`` are set when ``ok`` is false."""
+
+    name: str
+    ok: bool
+    summary: str
+    reason: str | None = None
+    fix: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "summary": self.summary, "reason": self.reason, "fix": self.fix,
+                **self.data}
+
+
+def redact_url(url: str) -> str:
+    """A database URL safe to show: the password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL we can parse: show nothing secret-looking
+        return url.split("@")[-1]
+
+
+# -- database -----------------------------------------------------------------------------
+
+def check_store(settings: Settings, store: Store) -> Check:
+    """The open store answers a query."""
+    shown = redact_url(settings.database_url)
+    try:
+        counts = queue.counts_by_status(store)
+    except Exception as exc:  # any driver error is a finding, not a crash
+        return Check("database", False, f"{shown} does not answer", reason=str(exc).strip(),
+                     fix="check that the database is reachable and not corrupt (koubou-mcp "
+                         "doctor says more)", data={"url": shown})
+    return Check("database", True, f"{shown} ({store.dialect}, {sum(counts.values())} tasks)",
+                 data={"url": shown, "dialect": store.dialect})
+
+
+def check_database(settings: Settings) -> Check:
+    """Can this installation use its database? Opens it without creating files (SQLite).
+
+    A SQLite database that does not exist yet is fine as long as it can be created; one that
+    exists must open, carry our schema, and be writable. PostgreSQL is opened (creating the
+    schema if it is missing, as the server's first start would).
+    """
+    shown = redact_url(settings.database_url)
+    path = sqlite_path(settings)
+    if path is not None and not path.exists():
+        blocker = _uncreatable(path)
+        if blocker:
+            return Check("database", False, f"{path} cannot be created", reason=blocker,
+                         fix="point KOUBOU_HOME (or KOUBOU_DATABASE_URL) at a writable "
+                             "directory", data={"url": shown})
+        return Check("database", True, f"{path} does not exist yet; it is created when "
+                     "koubou-mcp first starts", data={"url": shown, "exists": False})
+    try:
+        store = open_store(settings.database_url, settings.run_dir, create=path is None)
+    except StoreError as exc:  # its message says what to do
+        return Check("database", False, f"{shown} cannot be used", reason=str(exc),
+                     data={"url": shown})
+    try:
+        found = check_store(settings, store)
+    finally:
+        store.close()
+    if not found.ok:
+        return found
+    if path is not None:
+        for target in (path, path.parent):
+            if not os.access(target, os.W_OK):
+                return Check("database", False, f"{path} is read-only",
+                             reason=f"{target} is not writable by this user",
+                             fix=f"make {target} writable (chmod u+w), or point KOUBOU_HOME "
+                                 "elsewhere", data={"url": shown})
+    return found
+
+
+def sqlite_path(settings: Settings) -> Path | None:
+    """The database file of a SQLite URL, or None for PostgreSQL (or an unparsable URL)."""
+    try:
+        url = make_url(settings.database_url)
+    except Exception:
+        return None
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database)
+
+
+def _uncreatable(path: Path) -> str | None:
+    """Why ``path`` could not be created, or None when it could be. Probes the nearest
+    existing directory by creating (and removing) a temporary directory in it."""
+    parent = path.parent
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".koubou-doctor-", dir=parent))
+    except OSError as exc:
+        return f"cannot create anything in {parent}: {exc.strerror}"
+    return None
+
+
+def check_home(settings: Settings) -> Check:
+    """The home directory (logs, run files) exists and is writable, or can be created."""
+    home = settings.home
+    if home.exists():
+        if not home.is_dir():
+            return Check("home", False, f"{home} is not a directory", reason=f"{home} is a file",
+                         fix="set KOUBOU_HOME to a directory")
+        if not os.access(home, os.W_OK | os.X_OK):
+            return Check("home", False, f"{home} is read-only",
+                         reason=f"{home} is not writable by this user",
+                         fix=f"make {home} writable, or set KOUBOU_HOME elsewhere")
+        return Check("home", True, f"{home}", data={"path": str(home)})
+    blocker = _uncreatable(home / "x")
+    if blocker:
+        return Check("home", False, f"{home} cannot be created", reason=blocker,
+                     fix="set KOUBOU_HOME to a writable directory")
+    return Check("home", True, f"{home} (created at first start)", data={"path": str(home)})
+
+
+# -- backends -----------------------------------------------------------------------------
+
+async def check_ollama(settings: Settings, *, timeout_s: float = OLLAMA_PROBE_TIMEOUT_S) -> Check:
+    """Ollama answers at the configured URL and has the configured models pulled."""
+    backend = OllamaBackend(settings.ollama_url, settings.general_model)
+    try:
+        probe = await backend.probe(timeout_s=timeout_s)
+    finally:
+        await backend.aclose()
+    wanted = sorted({settings.general_model, settings.code_model})
+    data: dict[str, Any] = {"url": settings.ollama_url, "reachable": probe["reachable"],
+                            "version": probe["version"], "models_configured": wanted,
+                            "models_missing": [], "models_ready": []}
+    if not probe["reachable"]:
+        return Check("ollama", False, f"unreachable at {settings.ollama_url}",
+                     reason=probe["error"] or "no answer", data=data)  # the error says the fix
+    if probe["error"]:
+        return Check("ollama", False, f"{settings.ollama_url} does not answer like Ollama",
+                     reason=probe["error"], data=data,
+                     fix="check that KOUBOU_OLLAMA_URL points at Ollama's root URL")
+    missing = [m for m in wanted if not model_present(probe["models"], m)]
+    data["models_missing"] = missing
+    data["models_ready"] = [m for m in wanted if m not in missing]
+    if missing:
+        return Check("ollama", False,
+                     f"Ollama {probe['version'] or '?'} at {settings.ollama_url} lacks "
+                     f"{', '.join(missing)}",
+                     reason=f"model(s) not pulled: {', '.join(missing)}",
+                     fix="; ".join(f"`ollama pull {m}`" for m in missing) + ", or set "
+                         "KOUBOU_GENERAL_MODEL / KOUBOU_CODE_MODEL to models it has", data=data)
+    return Check("ollama", True, f"Ollama {probe['version'] or '?'} at {settings.ollama_url} "
+                 f"with {', '.join(wanted)}", data=data)
+
+
+async def check_codex(settings: Settings, *, timeout_s: float = CODEX_PROBE_TIMEOUT_S) -> Check:
+    """The Codex CLI is installed and says its version."""
+    backend = CodexBackend(settings.codex_bin, settings.code_model, settings.ollama_url,
+                           settings.codex_sandbox, str(settings.workdir),
+                           probe_timeout_s=timeout_s)
+    probe = await backend.probe()
+    data = {"bin": settings.codex_bin, "found": probe["found"], "path": probe["path"],
+            "version": probe["version"]}
+    if not probe["found"]:  # the error says how to install it
+        return Check("codex", False, f"{settings.codex_bin!r} not found (only `code` tasks "
+                     "need it)", reason=probe["error"], data=data)
+    if probe["error"]:
+        return Check("codex", False, f"{probe['path']} does not run", reason=probe["error"],
+                     fix="reinstall the Codex CLI, or set KOUBOU_CODEX_BIN to a working one",
+                     data=data)
+    return Check("codex", True, f"{probe['version']} at {probe['path']}", data=data)
+
+
+# -- workers ------------------------------------------------------------------------------
+
+def live_workers(store: Store, settings: Settings, now: datetime) -> list[dict[str, Any]]:
+    """Workers that heartbeated within a lease (the others are dead or stopping)."""
+    cutoff = now - timedelta(seconds=settings.lease_s)
+    return [queue.worker_record(w) for w in queue.list_workers(store)
+            if w.last_heartbeat is not None and w.last_heartbeat >= cutoff]
+
+
+def check_supervisor(settings: Settings, supervisor: Mapping[str, Any] | None,
+                     pool_error: str | None = None) -> Check:
+    """Who supervises the pool of this home: the supervisor in this process (``supervisor`` is
+    its ``health()``), another process holding the pool lock, or nobody."""
+    if pool_error:
+        return Check("supervisor", False, "the pool could not start", reason=pool_error,
+                     fix=f"see {settings.logs_dir / 'mcp_server.log'}")
+    if supervisor is not None:
+        data = dict(supervisor)
+        if not supervisor.get("running", True):
+            return Check("supervisor", False, "the pool supervisor stopped",
+                         reason=supervisor.get("last_error") or "its thread ended",
+                         fix=f"see {settings.logs_dir / 'worker_pool.log'}; restart the server",
+                         data=data)
+        crash = supervisor.get("crash_loop") or {}
+        if crash.get("active"):
+            return Check("supervisor", False, "workers keep failing at start-up",
+                         reason=str(crash.get("last_failure")),
+                         fix="read the worker log it names; `koubou-mcp doctor` checks the "
+                             "setup", data=data)
+        if supervisor.get("leader"):
+            return Check("supervisor", True, f"supervising in this process (pid "
+                         f"{supervisor.get('pid')})", data=data)
+        return Check("supervisor", True, f"standing by: pid {supervisor.get('leader_pid')} "
+                     "supervises this home", data=data)
+    if lock_is_held(settings.run_dir):
+        holder = read_holder(settings.run_dir)
+        who = f"pid {holder.pid} ({holder.role})" if holder else "another process"
+        return Check("supervisor", True, f"run by {who}", data={
+            "running": True, "leader": False, "pid": holder.pid if holder else None})
+    # Not a problem by itself (workers may run elsewhere); check_workers decides.
+    return Check("supervisor", True, "none for this home in any process",
+                 data={"running": False})
+
+
+def check_workers(settings: Settings, store: Store, supervisor: Check, now: datetime) -> Check:
+    """Somebody will run queued tasks: live workers, or a supervisor that can start them."""
+    workers = live_workers(store, settings, now)
+    busy = sum(1 for w in workers if w["status"] == WorkerStatus.BUSY.value)
+    data: dict[str, Any] = {"live": len(workers), "busy": busy, "idle": len(workers) - busy,
+                            "list": workers}
+    summary = f"{len(workers)} live ({busy} busy)"
+    if workers or (supervisor.ok and supervisor.data.get("running")):
+        return Check("workers", True, summary, data=data)
+    return Check("workers", False, summary,
+                 reason="no live worker and no pool supervisor: queued tasks will wait",
+                 fix="run the server without --no-pool, or start a pool with `koubou-mcp pool`",
+                 data=data)
+
+
+# -- the health document ------------------------------------------------------------------
+
+async def collect_health(
+    settings: Settings,
+    store: Store | None,
+    *,
+    supervisor: Mapping[str, Any] | None = None,
+    store_error: str | None = None,
+    pool_error: str | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The ``koubou://health`` document. ``supervisor`` is the health of the pool supervisor
+    this process runs (None when it runs none); ``store_error`` says why ``store`` is None,
+    ``pool_error`` why the pool did not start."""
+    now = utcnow() if now is None else now
+    results: dict[str, Check] = {}
+
+    async def run_ollama() -> None:
+        results["ollama"] = await check_ollama(settings)
+
+    async def run_codex() -> None:
+        results["codex"] = await check_codex(settings)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_ollama)
+        tg.start_soon(run_codex)
+
+    shown = redact_url(settings.database_url)
+    if store is None:
+        database = Check("database", False, f"{shown} is not open",
+                         reason=store_error or "the store is not open",
+                         fix="fix what the reason says, then restart the server",
+                         data={"url": shown})
+    else:
+        database = await anyio.to_thread.run_sync(check_store, settings, store)
+    pool = check_supervisor(settings, supervisor, pool_error)
+    queue_info: dict[str, Any] = {}
+    workers: Check | None = None
+    if store is not None and database.ok:
+        def read() -> tuple[dict[str, int], int, Check]:
+            return (queue.counts_by_status(store), queue.ready_pending_count(store, now),
+                    check_workers(settings, store, pool, now))
+
+        counts, ready, workers = await anyio.to_thread.run_sync(read)
+        queue_info = {"depth": counts[TaskStatus.PENDING.value], "ready": ready,
+                      "in_progress": counts[TaskStatus.IN_PROGRESS.value], "counts": counts}
+
+    ollama, codex = results["ollama"], results["codex"]
+    ready = ollama.data["models_ready"]
+    general_ok = settings.general_model in ready
+    code_ok = codex.ok and settings.code_model in ready
+    problems = [f"{c.name}: {c.reason}" for c in (database, pool, workers, ollama, codex)
+                if c is not None and not c.ok]
+    if not database.ok or not (general_ok or code_ok):
+        status = "down"
+    elif problems:
+        status = "degraded"
+    else:
+        status = "ok"
+    return {
+        "status": status,
+        "problems": problems,
+        "checked_at": now.isoformat(timespec="milliseconds") + "Z",
+        "version": __version__,
+        "home": str(settings.home),
+        "database": database.as_dict(),
+        "supervisor": pool.as_dict(),
+        "workers": workers.as_dict() if workers is not None else None,
+        "queue": queue_info or None,
+        "backends": {
+            "ollama": {**ollama.as_dict(), "serves": "general" if general_ok else None},
+            "codex": {**codex.as_dict(), "serves": "code" if code_ok else None},
+        },
+        "task_types": {"general": general_ok, "code": code_ok},
+    }

@@ -1,0 +1,260 @@
+"""The ``koubou-mcp`` command as a user runs it: real processes, real exit codes, real stdin."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from koubou_mcp.config import Settings
+from tests.e2e.conftest import Leftovers, koubou_command, server_env, worker_pids
+from tests.fakes.ollama_server import FakeOllama
+from tests.waiting import wait_until
+
+RECORD_KEYS = {"task_id", "type", "status", "priority", "result", "error", "attempts",
+               "max_attempts", "worker_id", "created_at", "finished_at", "duration_s"}
+
+
+def koubou(settings: Settings, *args: str, stdin: bytes | None = None,
+           timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``koubou-mcp ARGS`` to completion, in the settings' environment."""
+    raw = subprocess.run([koubou_command(), *args], env=server_env(settings), input=stdin,
+                         capture_output=True, timeout=timeout, check=False,
+                         stdin=None if stdin is not None else subprocess.DEVNULL)
+    return subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(),
+                                       raw.stderr.decode())
+
+
+def as_json(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, "--json prints one JSON document on one line"
+    return json.loads(lines[0])
+
+
+def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+
+
+def test_submit_status_tasks_cancel_and_stats_print_the_documented_json(
+    e2e_settings: Settings,
+) -> None:
+    plain = koubou(e2e_settings, "submit", "first task")
+    assert plain.returncode == 0 and plain.stdout.strip().startswith("task_")
+    first = plain.stdout.strip()
+
+    submitted = as_json(koubou(e2e_settings, "submit", "second task", "--type", "code",
+                               "--priority", "9", "--json"))
+    assert RECORD_KEYS <= set(submitted)
+    assert (submitted["status"], submitted["type"], submitted["priority"]) == ("pending", "code", 9)
+
+    status = as_json(koubou(e2e_settings, "status", first, "--json"))
+    assert RECORD_KEYS <= set(status) and status["prompt"] == "first task"
+
+    listed = as_json(koubou(e2e_settings, "tasks", "--json"))
+    assert set(listed) == {"tasks", "counts"}
+    assert [t["task_id"] for t in listed["tasks"]] == [submitted["task_id"], first]
+    assert listed["counts"]["pending"] == 2
+
+    cancelled = as_json(koubou(e2e_settings, "cancel", first, "--json"))
+    assert cancelled["status"] == "cancelled"
+    text = koubou(e2e_settings, "tasks", "--status", "cancelled")
+    assert text.returncode == 0 and first in text.stdout
+
+    stats = as_json(koubou(e2e_settings, "stats", "--json"))
+    assert {"tasks", "queue_depth", "avg_duration_s", "avg_wait_s", "workers"} <= set(stats)
+    assert (stats["tasks"]["cancelled"], stats["queue_depth"]) == (1, 1)
+    block = koubou(e2e_settings, "stats")
+    assert "Worker Pool Statistics" in block.stdout
+
+
+def test_submit_dash_reads_the_prompt_from_stdin_verbatim(e2e_settings: Settings) -> None:
+    prompt = "line one\n  line two — ünïcode ✓\n$(not run) `nor this`\n"
+    task_id = koubou(e2e_settings, "submit", "-", stdin=prompt.encode()).stdout.strip()
+    assert as_json(koubou(e2e_settings, "status", task_id, "--json"))["prompt"] == prompt
+
+
+def test_invalid_utf8_on_stdin_exits_2_and_stores_nothing(e2e_settings: Settings) -> None:
+    koubou(e2e_settings, "submit", "the only task")
+    result = koubou(e2e_settings, "submit", "-", stdin=b"caf\xe9 \xff\xfe")
+    assert result.returncode == 2
+    assert "not valid UTF-8" in result.stderr
+    no_traceback(result)
+    listed = as_json(koubou(e2e_settings, "tasks", "--json"))
+    assert [t["type"] for t in listed["tasks"]] == ["general"], "nothing more was stored"
+
+
+@pytest.mark.parametrize("args", [
+    ("submit",),
+    ("submit", "x", "--priority", "11"),
+    ("submit", "x", "--priority", "high"),
+    ("submit", "x", "--type", "poem"),
+    ("submit", "x", "--timeout", "-1"),
+    ("submit", " "),
+    ("tasks", "--limit", "0"),
+    ("tasks", "--status", "done"),
+    ("status", "task_does_not_exist"),
+    ("cancel", "task_does_not_exist"),
+    ("serve", "--transport", "carrier-pigeon"),
+    ("--no-such-flag",),
+])
+def test_usage_errors_exit_2_with_a_message(e2e_settings: Settings, args: tuple[str, ...]) -> None:
+    koubou(e2e_settings, "submit", "x")  # the database exists: status/cancel reach their check
+    result = koubou(e2e_settings, *args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.strip()
+    no_traceback(result)
+
+
+def test_cancelling_a_finished_task_exits_2(e2e_settings: Settings, pool: None) -> None:
+    done = koubou(e2e_settings, "submit", "finish", "--wait", "--json", timeout=60)
+    task_id = as_json(done)["task_id"]
+    result = koubou(e2e_settings, "cancel", task_id)
+    assert result.returncode == 2 and "already completed" in result.stderr
+
+
+def test_help_names_the_env_var_of_each_flag(e2e_settings: Settings) -> None:
+    out = koubou(e2e_settings, "serve", "--help").stdout
+    for env in ("KOUBOU_HOME", "KOUBOU_MIN_WORKERS", "KOUBOU_MAX_WORKERS", "KOUBOU_OLLAMA_URL"):
+        assert env in out
+    assert "--no-pool" in out
+    assert koubou(e2e_settings, "--version").stdout.startswith("koubou-mcp ")
+
+
+# -- a pool, for commands that wait -------------------------------------------------------
+
+@pytest.fixture
+def pool(e2e_settings: Settings, leftovers: Leftovers, tmp_path: Path) -> Iterator[None]:
+    """``koubou-mcp pool`` in the background, stopped (``koubou-mcp stop``, then killed)."""
+    log = open(tmp_path / "pool.out", "wb")  # noqa: SIM115 - closed below
+    try:
+        process = subprocess.Popen([koubou_command(), "pool"], env=server_env(e2e_settings),
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                   start_new_session=True)
+    finally:
+        log.close()
+    leftovers.add(process.pid)
+    try:
+        wait_until(lambda: worker_pids(e2e_settings.home), timeout=15,
+                   message="the pool's first worker")
+        yield None
+    finally:
+        koubou(e2e_settings, "stop", "--timeout", "10")
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def test_submit_wait_prints_the_result_once_a_pool_ran_it(
+    e2e_settings: Settings, pool: None
+) -> None:
+    general = koubou(e2e_settings, "submit", "hello pool", "--wait", timeout=60)
+    assert general.returncode == 0, general.stderr
+    assert "completed" in general.stdout and general.stdout.rstrip().endswith("echo: hello pool")
+    code = as_json(koubou(e2e_settings, "submit", "make it so", "--type", "code", "--wait",
+                          "--json", timeout=60))
+    assert (code["status"], code["result"]) == ("completed", "codex: make it so")
+
+
+def test_submit_wait_gives_up_at_the_wait_timeout_with_exit_1(e2e_settings: Settings) -> None:
+    result = koubou(e2e_settings, "submit", "nobody runs me", "--wait", "--wait-timeout", "0.3",
+                    "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["status"] == "pending"
+
+
+# -- doctor -------------------------------------------------------------------------------
+
+def test_doctor_passes_with_ollama_its_models_and_codex(e2e_settings: Settings) -> None:
+    text = koubou(e2e_settings, "doctor")
+    assert text.returncode == 0, text.stdout
+    assert "all good" in text.stdout
+    report = as_json(koubou(e2e_settings, "doctor", "--json"))
+    assert report["ok"] is True and report["problems"] == 0
+    assert [c["name"] for c in report["checks"]] == ["home", "database", "ollama", "codex", "pool"]
+    assert all(c["ok"] for c in report["checks"])
+    assert not (e2e_settings.home / "db").exists(), "doctor creates no database"
+
+
+def test_doctor_says_how_to_fix_a_missing_model_and_a_missing_codex(
+    e2e_settings: Settings, ollama: FakeOllama
+) -> None:
+    unwell = e2e_settings.with_overrides(code_model="qwen3-coder:30b", codex_bin="no-such-codex")
+    result = koubou(unwell, "doctor")
+    assert result.returncode == 1
+    assert "FAIL  ollama" in result.stdout and "ollama pull qwen3-coder:30b" in result.stdout
+    assert "FAIL  codex" in result.stdout and "npm i -g @openai/codex" in result.stdout
+    no_traceback(result)
+    report = json.loads(koubou(unwell, "doctor", "--json").stdout)
+    assert report["ok"] is False and report["problems"] == 2
+
+
+def test_doctor_reports_an_unreachable_ollama(e2e_settings: Settings) -> None:
+    with FakeOllama() as gone:
+        url = gone.url
+    result = koubou(e2e_settings.with_overrides(ollama_url=url), "doctor")
+    assert result.returncode == 1
+    assert "cannot reach Ollama" in result.stdout and "ollama serve" in result.stdout
+
+
+def test_doctor_explains_a_corrupt_database_without_a_traceback(e2e_settings: Settings) -> None:
+    db = e2e_settings.home / "db" / "koubou.db"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"this is not a database" * 100)
+    result = koubou(e2e_settings, "doctor")
+    assert result.returncode == 1
+    assert "FAIL  database" in result.stdout and "corrupt" in result.stdout
+    no_traceback(result)
+
+
+def test_doctor_explains_a_database_directory_that_cannot_be_created(
+    e2e_settings: Settings, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    broken = e2e_settings.with_overrides(database_url=f"sqlite:///{blocker}/db/koubou.db")
+    result = koubou(broken, "doctor")
+    assert result.returncode == 1
+    assert "FAIL  database" in result.stdout and "is not a directory" in result.stdout
+    no_traceback(result)
+    report = json.loads(koubou(broken, "doctor", "--json").stdout)
+    database = next(c for c in report["checks"] if c["name"] == "database")
+    assert database["ok"] is False and database["fix"]
+
+
+def test_doctor_reports_a_read_only_database(e2e_settings: Settings) -> None:
+    """As root every file is writable, so then the doctor runs as nobody (via setpriv)."""
+    as_nobody: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("root writes to read-only files and setpriv is missing to drop root")
+        as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    home = Path(tempfile.mkdtemp(prefix="koubou-ro-"))  # tmp_path is private to root
+    try:
+        home.chmod(0o777)
+        settings = e2e_settings.with_overrides(home=home, database_url="")  # "": under home
+        assert koubou(settings, "submit", "make the database").returncode == 0
+        db = settings.home / "db" / "koubou.db"
+        db.chmod(0o444)
+        db.parent.chmod(0o555)
+        raw = subprocess.run([*as_nobody, koubou_command(), "doctor"], env=server_env(settings),
+                             capture_output=True, timeout=60, check=False,
+                             stdin=subprocess.DEVNULL)
+        out = raw.stdout.decode()
+        assert raw.returncode == 1, (out, raw.stderr.decode())
+        assert "FAIL  database" in out and "read-only" in out
+        assert "Traceback" not in raw.stderr.decode()
+    finally:
+        for path in home.rglob("*"):
+            path.chmod(0o700 if path.is_dir() else 0o600)
+        shutil.rmtree(home, ignore_errors=True)

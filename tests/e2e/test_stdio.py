@@ -1,0 +1,271 @@
+"""The server over stdio, started as Claude Code starts it: the SDK's client runs ``koubou-mcp``
+as a subprocess, with the stand-in Ollama and the stand-in Codex CLI behind a real pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+
+from koubou_mcp import queue
+from koubou_mcp.config import Settings
+from koubou_mcp.store import open_store
+from tests.e2e.conftest import (
+    Leftovers,
+    koubou_command,
+    server_env,
+    server_params,
+    until,
+    worker_pids,
+)
+from tests.fakes.ollama_server import FakeOllama
+from tests.waiting import pid_alive, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
+    result = await client.call_tool(tool, arguments)
+    assert not result.is_error, result.content
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def read_json(client: Client, uri: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((await client.read_resource(uri)).contents[0].text)  # type: ignore[union-attr]
+    return data
+
+
+async def status_of(client: Client, task_id: str) -> str:
+    return str((await call(client, "get_status", task_id=task_id))["status"])
+
+
+async def test_a_client_lists_reads_health_delegates_polls_lists_and_cancels(
+    e2e_settings: Settings, ollama: FakeOllama, leftovers: Leftovers
+) -> None:
+    garbage: list[Exception] = []
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, Exception):  # a line on stdout that is not JSON-RPC
+            garbage.append(message)
+
+    async with Client(server_params(e2e_settings), message_handler=on_message) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert names == {"delegate_task", "get_status", "list_tasks", "cancel_task"}
+
+        health = await read_json(client, "koubou://health")
+        leftovers.add(health["server"]["pid"])
+        assert health["status"] == "ok", health["problems"]
+        assert health["backends"]["codex"]["version"] == "codex-cli 0.0.0-fake"
+
+        done = await call(client, "delegate_task", prompt="summarise: koubou", sync=True,
+                          wait_s=30)
+        assert (done["status"], done["result"]) == ("completed", "echo: summarise: koubou")
+        assert done["worker_id"]
+
+        code = await call(client, "delegate_task", prompt="write fizzbuzz", type="code")
+        assert code["status"] == "pending"
+        await until(lambda: _is(client, code["task_id"], "completed"), message="the code task")
+        record = await call(client, "get_status", task_id=code["task_id"])
+        assert record["result"] == "codex: write fizzbuzz"
+
+        listed = await call(client, "list_tasks")
+        assert [t["task_id"] for t in listed["tasks"]] == [code["task_id"], done["task_id"]]
+        assert listed["counts"]["completed"] == 2
+
+        ollama.configure(mode="hang")
+        stuck = await call(client, "delegate_task", prompt="never answered")
+        await until(lambda: _is(client, stuck["task_id"], "in_progress"), message="the claim")
+        cancelled = await call(client, "cancel_task", task_id=stuck["task_id"])
+        assert cancelled["cancel_requested"] is True
+        await until(lambda: _is(client, stuck["task_id"], "cancelled"),
+                    message="the worker to stop the cancelled task")
+        ollama.configure(mode="ok")
+        ollama.release()
+    assert not garbage, f"stdout carried something that is not JSON-RPC: {garbage}"
+
+
+async def _is(client: Client, task_id: str, status: str) -> bool:
+    return await status_of(client, task_id) == status
+
+
+async def test_closing_the_client_stops_the_server_at_once_and_the_busy_worker_after_its_task(
+    e2e_settings: Settings, ollama: FakeOllama, leftovers: Leftovers
+) -> None:
+    ollama.configure(latency_s=2.0)
+    async with AsyncExitStack() as stack:
+        client = await stack.enter_async_context(Client(server_params(e2e_settings)))
+        server_pid = (await read_json(client, "koubou://health"))["server"]["pid"]
+        leftovers.add(server_pid)
+        task_id = (await call(client, "delegate_task", prompt="finish me"))["task_id"]
+        await until(lambda: _is(client, task_id, "in_progress"), message="the claim")
+        workers = (await read_json(client, "koubou://health"))["workers"]["list"]
+        busy_pid = next(w["pid"] for w in workers if w["current_task"] == task_id)
+        for w in workers:
+            leftovers.add(w["pid"])
+
+        death: dict[str, float] = {}
+
+        def watch() -> None:  # a thread: the client must be closed by the task that opened it
+            start = time.monotonic()
+            wait_until(lambda: not pid_alive(server_pid), timeout=5.0, interval=0.005,
+                       message="the server to exit")
+            death["after_s"] = time.monotonic() - start
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        await stack.aclose()  # closes the server's stdin, as Claude Code does
+        watcher.join(timeout=6)
+    gone_after = death.get("after_s", float("inf"))
+    assert gone_after < 2.0
+    log = (e2e_settings.logs_dir / "mcp_server.log").read_text()
+    assert "koubou-mcp server stopped" in log, "it shut down cleanly, it was not killed"
+
+    store = open_store(e2e_settings.database_url, e2e_settings.run_dir)
+    try:
+        done = wait_until(lambda: _ended(store, task_id), timeout=15,
+                          message="the in-flight task to finish after the server left")
+        assert (done.status, done.result) == ("completed", "echo: finish me")
+    finally:
+        store.close()
+    wait_until(lambda: not pid_alive(busy_pid), timeout=10, message="the busy worker to exit")
+    wait_until(lambda: not worker_pids(e2e_settings.home), timeout=10,
+               message="every worker to be gone")
+
+
+def _ended(store: Any, task_id: str) -> Any:
+    task = queue.get_task(store, task_id)
+    return task if task.status in ("completed", "failed", "cancelled") else None
+
+
+def _rpc(id_: int | None, method: str, params: dict[str, Any] | None = None) -> bytes:
+    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if id_ is not None:
+        message["id"] = id_
+    if params is not None:
+        message["params"] = params
+    return (json.dumps(message) + "\n").encode()
+
+
+def _start_raw(settings: Settings, tmp_path: Path) -> subprocess.Popen[bytes]:
+    stderr = open(tmp_path / "server.stderr", "wb")  # noqa: SIM115 - closed below
+    try:
+        return subprocess.Popen(
+            [koubou_command()], env=server_env(settings), cwd=settings.workdir,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+            start_new_session=True,
+        )
+    finally:
+        stderr.close()
+
+
+def test_stdout_carries_only_json_rpc_even_while_workers_run_tasks(
+    e2e_settings: Settings, leftovers: Leftovers, tmp_path: Path
+) -> None:
+    server = _start_raw(e2e_settings, tmp_path)
+    leftovers.add(server.pid)
+    assert server.stdin is not None
+    server.stdin.write(_rpc(1, "initialize", {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "raw-test", "version": "0"}}))
+    server.stdin.write(_rpc(None, "notifications/initialized"))
+    server.stdin.write(_rpc(2, "tools/list"))
+    server.stdin.write(_rpc(3, "tools/call", {"name": "delegate_task", "arguments": {
+        "prompt": "print('to stdout?')", "sync": True, "wait_s": 30}}))
+    server.stdin.write(_rpc(4, "tools/call", {"name": "delegate_task", "arguments": {
+        "prompt": "and a code task", "type": "code", "sync": True, "wait_s": 30}}))
+    server.stdin.write(_rpc(5, "resources/read", {"uri": "koubou://health"}))
+    server.stdin.flush()
+    lines: list[bytes] = []
+    assert server.stdout is not None
+    while len(lines) < 5:
+        line = server.stdout.readline()
+        assert line, f"the server closed stdout early; stderr: {(tmp_path / 'server.stderr').read_text()}"
+        lines.append(line)
+    server.stdin.close()
+    lines += server.stdout.read().splitlines(keepends=True)
+    assert server.wait(timeout=5) == 0
+    messages = [json.loads(line) for line in lines]  # every line is JSON …
+    assert all(m.get("jsonrpc") == "2.0" for m in messages)  # … and JSON-RPC
+    by_id = {m["id"]: m for m in messages if "id" in m}
+    assert set(by_id) == {1, 2, 3, 4, 5}
+    assert by_id[3]["result"]["structuredContent"]["result"] == "echo: print('to stdout?')"
+    assert by_id[4]["result"]["structuredContent"]["result"] == "codex: and a code task"
+    health = json.loads(by_id[5]["result"]["contents"][0]["text"])
+    for worker in health["workers"]["list"]:
+        leftovers.add(worker["pid"])
+        log = e2e_settings.worker_logs_dir / f"{worker['worker_id']}.log"
+        assert log.exists(), "worker output goes to its own log file"
+
+
+def test_sigterm_stops_the_server_cleanly_even_with_stdin_open(
+    e2e_settings: Settings, leftovers: Leftovers, tmp_path: Path
+) -> None:
+    server = _start_raw(e2e_settings, tmp_path)
+    leftovers.add(server.pid)
+    assert server.stdin is not None
+    _handshake(server)
+    wait_until(lambda: worker_pids(e2e_settings.home), message="the pool's first worker")
+    os.kill(server.pid, signal.SIGTERM)
+    try:
+        assert server.wait(timeout=3) == 0
+    finally:
+        server.stdin.close()
+    log = (e2e_settings.logs_dir / "mcp_server.log").read_text()
+    assert "received SIGTERM" in log and "koubou-mcp server stopped" in log
+    wait_until(lambda: not worker_pids(e2e_settings.home), timeout=10,
+               message="the idle worker to exit with the server")
+
+
+def _handshake(server: subprocess.Popen[bytes]) -> None:
+    assert server.stdin is not None and server.stdout is not None
+    server.stdin.write(_rpc(1, "initialize", {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "raw-test", "version": "0"}}))
+    server.stdin.flush()
+    assert json.loads(server.stdout.readline())["id"] == 1
+
+
+async def test_a_second_server_on_the_same_home_joins_the_pool_and_takes_over_when_the_first_goes(
+    e2e_settings: Settings, leftovers: Leftovers, tmp_path: Path
+) -> None:
+    first = _start_raw(e2e_settings, tmp_path)  # another Claude Code session, same project
+    leftovers.add(first.pid)
+    try:
+        _handshake(first)
+        wait_until(lambda: worker_pids(e2e_settings.home), message="the first server's pool")
+        async with Client(server_params(e2e_settings)) as client:
+            health = await read_json(client, "koubou://health")
+            leftovers.add(health["server"]["pid"])
+            assert health["supervisor"]["leader"] is False
+            assert f"pid {first.pid} supervises" in health["supervisor"]["summary"]
+            assert health["status"] == "ok", health["problems"]
+            done = await call(client, "delegate_task", prompt="via the second", sync=True,
+                              wait_s=30)
+            assert done["status"] == "completed", "the first server's workers ran it"
+
+            assert first.stdin is not None
+            first.stdin.close()  # the first session ends
+            assert first.wait(timeout=5) == 0
+            await until(lambda: _leads(client), timeout=10,
+                        message="the second server to take the pool over")
+            again = await call(client, "delegate_task", prompt="after the handover",
+                               sync=True, wait_s=30)
+            assert (again["status"], again["result"]) == ("completed", "echo: after the handover")
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(timeout=5)
+
+
+async def _leads(client: Client) -> bool:
+    return bool((await read_json(client, "koubou://health"))["supervisor"].get("leader"))
