@@ -500,6 +500,24 @@ def get_task(store: Store, task_id: str) -> Task:
     return _task(row)
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a task stands, without its (possibly large) prompt and result."""
+
+    task_id: str
+    status: str
+    worker_id: str | None
+
+
+def task_progress(store: Store, task_id: str) -> Progress:
+    """The status and worker of a task: a light read for waiters that poll often."""
+    with store.read() as conn:
+        row = conn.execute(select(T.c.status, T.c.worker_id).where(T.c.task_id == task_id)).first()
+    if row is None:
+        raise TaskNotFound(task_id)
+    return Progress(task_id, row.status, row.worker_id)
+
+
 def list_tasks(store: Store, status: str | None = None, limit: int = 20) -> list[Task]:
     """Tasks, newest first, optionally of one status."""
     query = select(T).order_by(T.c.created_at.desc(), T.c.task_id.desc()).limit(limit)

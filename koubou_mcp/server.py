@@ -362,7 +362,7 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
 
 # -- waiting ------------------------------------------------------------------------------
 
-ProgressFn = Callable[[Task, float], Awaitable[None]]
+ProgressFn = Callable[[queue.Progress, float], Awaitable[None]]
 
 
 async def wait_for_task(store: Store, task_id: str, wait_s: float,
@@ -377,19 +377,20 @@ async def wait_for_task(store: Store, task_id: str, wait_s: float,
     next_report = start + progress_every_s
     delay = min(SYNC_FIRST_POLL_S, poll_s)
     while True:
-        task = await in_thread(queue.get_task, store, task_id)
+        # poll the light status only; the full record is read once, at the end
+        progress = await in_thread(queue.task_progress, store, task_id)
         now = anyio.current_time()
         elapsed = now - start
-        if task.status in FINAL_STATUSES or elapsed >= wait_s:
-            return task, elapsed
+        if progress.status in FINAL_STATUSES or elapsed >= wait_s:
+            return await in_thread(queue.get_task, store, task_id), elapsed
         if on_progress is not None and now >= next_report:
-            await on_progress(task, elapsed)
+            await on_progress(progress, elapsed)
             next_report = now + progress_every_s
         await anyio.sleep(max(0.0, min(delay, wait_s - elapsed, next_report - now)))
         delay = min(delay * 1.5, poll_s)
 
 
-def _progress_message(task: Task, elapsed: float, wait_s: float) -> str:
+def _progress_message(task: queue.Progress, elapsed: float, wait_s: float) -> str:
     where = f" on {task.worker_id}" if task.worker_id and task.status != "pending" else ""
     return (f"{task.task_id} {task.status}{where}, {elapsed:.0f} s elapsed "
             f"(waiting up to {wait_s:g} s)")
@@ -479,7 +480,7 @@ def build_server(settings: Settings, *, pool: bool = True) -> KoubouServer:
         if sync:
             limit = default_wait_s if wait_s is None else wait_s
 
-            async def progress(current: Task, elapsed: float) -> None:
+            async def progress(current: queue.Progress, elapsed: float) -> None:
                 await ctx.report_progress(round(elapsed, 1), limit,
                                           _progress_message(current, elapsed, limit))
 
