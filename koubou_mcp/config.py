@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -84,6 +85,9 @@ KNOBS: dict[str, Knob] = {
         "KOUBOU_SYNC_WAIT", None, "default wait of a sync delegate_task before it returns, s"
     ),
     "log_level": Knob("KOUBOU_LOG_LEVEL", None, "DEBUG, INFO, WARNING or ERROR"),
+    "hostname": Knob(
+        "KOUBOU_HOSTNAME", None, "name this machine's workers record in `workers.host`"
+    ),
 }
 
 
@@ -121,6 +125,7 @@ class Settings:
     drain_grace_s: float = 30.0
     sync_wait_s: float = 60.0
     log_level: str = "INFO"
+    hostname: str = field(default_factory=socket.gethostname)
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -195,6 +200,8 @@ class Settings:
              f"must not exceed the maximum ({self.max_workers})")
         need(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
              "must be DEBUG, INFO, WARNING or ERROR")
+        need(0 < len(self.hostname) <= 255 and self.hostname.isprintable(), "hostname",
+             "must be printable text of 1 to 255 characters")
 
     # -- construction --------------------------------------------------------------------
     @classmethod

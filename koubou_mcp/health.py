@@ -265,8 +265,13 @@ def check_workers(settings: Settings, store: Store, supervisor: Check, now: date
     """Somebody will run queued tasks: live workers, or a supervisor that can start them."""
     workers = live_workers(store, settings, now)
     busy = sum(1 for w in workers if w["status"] == WorkerStatus.BUSY.value)
+    by_host: dict[str, dict[str, int]] = {}
+    for w in workers:
+        counts = by_host.setdefault(w["host"], {"live": 0, "busy": 0})
+        counts["live"] += 1
+        counts["busy"] += w["status"] == WorkerStatus.BUSY.value
     data: dict[str, Any] = {"live": len(workers), "busy": busy, "idle": len(workers) - busy,
-                            "list": workers}
+                            "by_host": by_host, "list": workers}
     summary = f"{len(workers)} live ({busy} busy)"
     if workers or (supervisor.ok and supervisor.data.get("running")):
         return Check("workers", True, summary, data=data)

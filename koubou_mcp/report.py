@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
-from koubou_mcp.models import TaskStatus
+from itertools import groupby
+
+from koubou_mcp.models import TaskStatus, Worker
 from koubou_mcp.queue import Stats
 
 RULE = "=" * 50
 
 
+def _worker_line(w: Worker) -> str:
+    done = w.tasks_completed + w.tasks_failed
+    rate = f"{100.0 * w.tasks_completed / done:.1f}% success" if done else "no tasks yet"
+    return (f"  • {w.worker_id}: {w.status} | Tasks: {w.tasks_completed} completed, "
+            f"{w.tasks_failed} failed ({rate})")
+
+
 def stats_block(stats: Stats) -> str:
-    """Render ``stats`` in the seed's format: active workers, then tasks by status."""
+    """Render ``stats`` in the seed's format: active workers, then tasks by status. Workers on
+    several machines (a shared PostgreSQL store) are grouped under their host."""
     lines = [RULE, "Worker Pool Statistics", RULE, "", "Active Workers:"]
     if not stats.workers:
         lines.append("  (none)")
-    for w in stats.workers:
-        done = w.tasks_completed + w.tasks_failed
-        rate = f"{100.0 * w.tasks_completed / done:.1f}% success" if done else "no tasks yet"
-        lines.append(
-            f"  • {w.worker_id}: {w.status} | Tasks: {w.tasks_completed} completed, "
-            f"{w.tasks_failed} failed ({rate})"
-        )
+    workers = sorted(stats.workers, key=lambda w: (w.host, w.created_at))
+    several_hosts = len({w.host for w in workers}) > 1
+    for host, group in groupby(workers, key=lambda w: w.host):
+        if several_hosts:
+            lines.append(f"  [{host}]")
+        lines.extend(_worker_line(w) for w in group)
     lines += ["", "Task Statistics:"]
     for status in TaskStatus:
         lines.append(f"  • {status.value}: {stats.counts.get(status.value, 0)} tasks")

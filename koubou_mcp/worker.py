@@ -141,7 +141,8 @@ class Worker:
     # -- main loop -----------------------------------------------------------------------
     async def run(self) -> None:
         """Serve tasks until told to stop."""
-        await self._db(queue.register_worker, self.store, self.worker_id, os.getpid(), self.clock())
+        await self._db(queue.register_worker, self.store, self.worker_id, os.getpid(), self.clock(),
+                       self.settings.hostname)
         log.info("worker %s started (pid %d)", self.worker_id, os.getpid())
         try:
             async with anyio.create_task_group() as tg:
