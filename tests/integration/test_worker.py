@@ -190,7 +190,7 @@ def test_a_supervised_worker_exits_after_its_task_when_the_supervisor_dies(
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                  start_new_session=True)
         print(child.pid, flush=True)
-        signal_wait = time.sleep(3600)
+        time.sleep(3600)  # until the test kills this stand-in supervisor
     """)
     parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "orphan.log")],
                               env=child_env(wsettings), stdout=subprocess.PIPE,
