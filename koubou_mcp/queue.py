@@ -13,6 +13,7 @@ expiry are tested by handing it a fake time. Guarantees:
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import socket
@@ -22,7 +23,20 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Integer,
+    String,
+    Text,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.sql.elements import ColumnElement
 
 from koubou_mcp.config import PRIORITY_MAX, PRIORITY_MIN, TASK_TYPES, Settings
@@ -171,11 +185,69 @@ def enqueue(store: Store, request: TaskRequest, settings: Settings, now: datetim
             "updated_at": now,
         }
         row = conn.execute(T.insert().values(**values).returning(*T.c)).one()
-    store.notify_new_work()
+        notified = store.notify_within(conn)
+    if not notified:
+        store.notify_new_work()
     return Enqueued(_task(row), created=True)
 
 
 # -- claiming and running -----------------------------------------------------------------
+
+# The hot path's statements are built once, with bound parameters: building and cache-keying
+# a SQLAlchemy statement on every call cost more CPU than running it (see docs/benchmarks.md).
+_NOW = bindparam("p_now", type_=DateTime())
+_LEASE = bindparam("p_lease", type_=DateTime())
+_WORKER = bindparam("p_worker", type_=String())
+_TASK = bindparam("p_task", type_=String())
+
+_READY = and_(T.c.status == TaskStatus.PENDING.value,
+              or_(T.c.not_before.is_(None), T.c.not_before <= _NOW))
+_ANY_READY = select(T.c.task_id).where(_READY).limit(1)
+
+
+@functools.cache
+def _claim_statement(postgres: bool) -> Any:
+    candidate = (
+        select(T.c.task_id).where(_READY)
+        .order_by(T.c.priority.desc(), T.c.created_at, T.c.task_id)
+        .limit(1)
+    )
+    if postgres:
+        candidate = candidate.with_for_update(skip_locked=True)
+    return (
+        update(T)
+        .where(T.c.task_id == candidate.scalar_subquery(), T.c.status == TaskStatus.PENDING.value)
+        .values(status=TaskStatus.IN_PROGRESS.value, worker_id=_WORKER,
+                attempts=T.c.attempts + 1, lease_expires_at=_LEASE, started_at=_NOW,
+                finished_at=None, updated_at=_NOW)
+        .returning(*T.c)
+    )
+
+
+_WORKER_BUSY = update(W).where(W.c.worker_id == _WORKER).values(
+    status=WorkerStatus.BUSY.value, current_task=_TASK, last_heartbeat=_NOW, idle_since=None)
+_WORKER_BEAT = update(W).where(W.c.worker_id == _WORKER).values(last_heartbeat=_NOW)
+_TASK_BEAT = (
+    update(T)
+    .where(T.c.task_id == _TASK, T.c.worker_id == _WORKER,
+           T.c.status == TaskStatus.IN_PROGRESS.value)
+    .values(lease_expires_at=_LEASE)
+    .returning(T.c.cancel_requested)
+)
+_COMPLETE = (
+    update(T)
+    .where(T.c.task_id == _TASK, T.c.status.not_in([s.value for s in FINAL_STATUSES]))
+    .values(status=TaskStatus.COMPLETED.value, result=bindparam("p_result", type_=Text()),
+            error=None, error_kind=None, worker_id=_WORKER, lease_expires_at=None,
+            finished_at=_NOW, updated_at=_NOW)
+    .returning(T.c.task_id)
+)
+_WORKER_DONE = update(W).where(W.c.worker_id == _WORKER).values(
+    status=WorkerStatus.IDLE.value, current_task=None, idle_since=_NOW, last_heartbeat=_NOW,
+    tasks_completed=W.c.tasks_completed + bindparam("p_completed", type_=Integer()),
+    tasks_failed=W.c.tasks_failed + bindparam("p_failed", type_=Integer()),
+)
+
 
 def claim_next(store: Store, worker_id: str, now: datetime, lease_s: float) -> Task | None:
     """Atomically take the best ready task for ``worker_id``, or None when there is none.
@@ -183,38 +255,18 @@ def claim_next(store: Store, worker_id: str, now: datetime, lease_s: float) -> T
     Best = highest priority, then oldest. Tasks waiting out a retry backoff are not ready.
     The task's attempts go up by one and it gets a lease of ``lease_s`` seconds.
     """
-    candidate = (
-        select(T.c.task_id)
-        .where(T.c.status == TaskStatus.PENDING.value, _ready(now))
-        .order_by(T.c.priority.desc(), T.c.created_at, T.c.task_id)
-        .limit(1)
-    )
-    if store.is_postgres:
-        candidate = candidate.with_for_update(skip_locked=True)
-    claim = (
-        update(T)
-        .where(T.c.task_id == candidate.scalar_subquery(), T.c.status == TaskStatus.PENDING.value)
-        .values(
-            status=TaskStatus.IN_PROGRESS.value,
-            worker_id=worker_id,
-            attempts=T.c.attempts + 1,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-            started_at=now,
-            finished_at=None,
-            updated_at=now,
-        )
-        .returning(*T.c)
-    )
+    # A plain read first: when nothing is ready (most wake-ups of most workers) no write lock
+    # is taken at all. The claim below re-checks, so a race only costs an empty claim.
+    with store.read() as conn:
+        if conn.execute(_ANY_READY, {"p_now": now}).first() is None:
+            return None
+    params = {"p_worker": worker_id, "p_now": now,
+              "p_lease": now + timedelta(seconds=lease_s)}
     with store.write() as conn:
-        row = conn.execute(claim).first()
+        row = conn.execute(_claim_statement(store.is_postgres), params).first()
         if row is None:
             return None
-        conn.execute(
-            update(W).where(W.c.worker_id == worker_id).values(
-                status=WorkerStatus.BUSY.value, current_task=row.task_id,
-                last_heartbeat=now, idle_since=None,
-            )
-        )
+        conn.execute(_WORKER_BUSY, {"p_worker": worker_id, "p_task": row.task_id, "p_now": now})
     return _task(row)
 
 
@@ -230,16 +282,11 @@ def heartbeat(store: Store, worker_id: str, task_id: str | None, now: datetime,
               lease_s: float) -> Beat:
     """Record that ``worker_id`` is alive and, when it holds ``task_id``, extend its lease."""
     with store.write() as conn:
-        conn.execute(update(W).where(W.c.worker_id == worker_id).values(last_heartbeat=now))
+        conn.execute(_WORKER_BEAT, {"p_worker": worker_id, "p_now": now})
         if task_id is None:
             return Beat.OK
-        row = conn.execute(
-            update(T)
-            .where(T.c.task_id == task_id, T.c.worker_id == worker_id,
-                   T.c.status == TaskStatus.IN_PROGRESS.value)
-            .values(lease_expires_at=now + timedelta(seconds=lease_s))
-            .returning(T.c.cancel_requested)
-        ).first()
+        row = conn.execute(_TASK_BEAT, {"p_task": task_id, "p_worker": worker_id,
+                                        "p_lease": now + timedelta(seconds=lease_s)}).first()
     if row is None:
         return Beat.LOST
     return Beat.CANCEL if row.cancel_requested else Beat.OK
@@ -252,14 +299,8 @@ def complete(store: Store, task_id: str, worker_id: str, result: str, now: datet
     is better than running the task again. Whoever finishes first gives the one final result.
     """
     with store.write() as conn:
-        row = conn.execute(
-            update(T)
-            .where(T.c.task_id == task_id, T.c.status.not_in(_final()))
-            .values(status=TaskStatus.COMPLETED.value, result=result, error=None,
-                    error_kind=None, worker_id=worker_id, lease_expires_at=None,
-                    finished_at=now, updated_at=now)
-            .returning(T.c.task_id)
-        ).first()
+        row = conn.execute(_COMPLETE, {"p_task": task_id, "p_worker": worker_id,
+                                       "p_result": result, "p_now": now}).first()
         _worker_done(conn, worker_id, now, completed=row is not None, failed=False)
     return row is not None
 
@@ -480,13 +521,8 @@ def mark_worker_offline(store: Store, worker_id: str, now: datetime) -> None:
 
 def _worker_done(conn: Connection, worker_id: str, now: datetime, *, completed: bool,
                  failed: bool) -> None:
-    conn.execute(
-        update(W).where(W.c.worker_id == worker_id).values(
-            status=WorkerStatus.IDLE.value, current_task=None, idle_since=now, last_heartbeat=now,
-            tasks_completed=W.c.tasks_completed + int(completed),
-            tasks_failed=W.c.tasks_failed + int(failed),
-        )
-    )
+    conn.execute(_WORKER_DONE, {"p_worker": worker_id, "p_now": now,
+                                "p_completed": int(completed), "p_failed": int(failed)})
 
 
 # -- reading ------------------------------------------------------------------------------

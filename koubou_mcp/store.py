@@ -32,6 +32,13 @@ NOTIFY_CHANNEL = "koubou_tasks"
 
 META: Any = Meta.__table__  # type: ignore[attr-defined]
 
+#: What takes a store from the version before to this one, beyond creating what is missing
+#: (new tables and indexes are created anyway; these statements change or drop old ones).
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # v2: the claim index follows the claim's order (priority DESC, created_at, task_id)
+    2: ("DROP INDEX IF EXISTS ix_task_master_claim",),
+}
+
 
 class StoreError(RuntimeError):
     """The store cannot be used. The message says what is wrong and how to fix it."""
@@ -67,6 +74,15 @@ class Store:
         """A read-only transaction (deferred on SQLite, so readers never block writers)."""
         with self.engine.connect() as conn, conn.begin():
             yield conn
+
+    def notify_within(self, conn: Connection) -> bool:
+        """Announce new work as part of the transaction on ``conn``, delivered at its commit
+        (PostgreSQL's NOTIFY): no extra round trip, and no gap between commit and notify.
+        False when this store cannot; then call ``notify_new_work`` after the commit."""
+        if not self.is_postgres:
+            return False
+        conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_CHANNEL})
+        return True
 
     def notify_new_work(self) -> None:
         """Wake idle workers and supervisors: something became claimable."""
@@ -183,11 +199,24 @@ def _ensure_schema(store: Store) -> None:
             # serialise concurrent first starts; released at commit
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key("schema")})
         SQLModel.metadata.create_all(conn)
+        # create_all adds indexes only with new tables; an index added by a later release to an
+        # existing table is created here
+        for table in SQLModel.metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
         row = conn.execute(select(META.c.value).where(META.c.key == "schema_version")).first()
         if row is None:
             conn.execute(META.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-        else:
-            _refuse_newer(int(row[0]), store.url)
+            return
+        found = int(row[0])
+        _refuse_newer(found, store.url)
+        for version in range(found + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS.get(version, ()):
+                conn.execute(text(statement))
+            log.info("migrated the store at %s to schema version %d", store.url, version)
+        if found < SCHEMA_VERSION:
+            conn.execute(META.update().where(META.c.key == "schema_version")
+                         .values(value=str(SCHEMA_VERSION)))
 
 
 def _check_schema(store: Store) -> None:

@@ -128,3 +128,21 @@ def test_an_unreachable_postgres_gives_a_clear_error(tmp_path: Path) -> None:
 def test_an_unsupported_url_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="sqlite:///PATH or postgresql"):
         open_store("mysql://x@y/z", tmp_path)
+
+
+def test_a_version_1_store_is_migrated_to_the_claim_ordered_index(settings: Settings) -> None:
+    open_store(settings.database_url, settings.run_dir).close()
+    db = sqlite3.connect(settings.home / "db" / "koubou.db")
+    # what version 1 left behind: the old claim index, and its version number
+    db.execute("DROP INDEX ix_task_master_ready")
+    db.execute("CREATE INDEX ix_task_master_claim ON task_master (status, priority, created_at)")
+    db.execute("UPDATE koubou_meta SET value='1' WHERE key='schema_version'")
+    db.commit()
+    open_store(settings.database_url, settings.run_dir).close()
+    indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "ix_task_master_claim" not in indexes and "ix_task_master_ready" in indexes
+    assert db.execute("SELECT value FROM koubou_meta").fetchone() == ("2",)
+    plan = db.execute("EXPLAIN QUERY PLAN SELECT task_id FROM task_master WHERE status = 'pending' "
+                      "ORDER BY priority DESC, created_at, task_id LIMIT 1").fetchall()
+    assert "ix_task_master_ready" in str(plan) and "TEMP B-TREE" not in str(plan)
+    db.close()
