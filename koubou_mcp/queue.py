@@ -144,6 +144,9 @@ def validate_request(
     return TaskRequest(prompt, type, priority, timeout, key)
 
 
+_INSERT = T.insert().returning(*T.c)  # built once; the values travel as parameters
+
+
 @dataclass(frozen=True)
 class Enqueued:
     task: Task
@@ -184,7 +187,7 @@ def enqueue(store: Store, request: TaskRequest, settings: Settings, now: datetim
             "created_at": now,
             "updated_at": now,
         }
-        row = conn.execute(T.insert().values(**values).returning(*T.c)).one()
+        row = conn.execute(_INSERT, values).one()
         notified = store.notify_within(conn)
     if not notified:
         store.notify_new_work()
