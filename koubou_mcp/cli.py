@@ -19,7 +19,15 @@ from typing import Any, NoReturn
 import httpx
 
 from koubou_mcp import __version__, queue
-from koubou_mcp.config import KNOBS, PRIORITY_MAX, PRIORITY_MIN, TASK_TYPES, ConfigError, Settings
+from koubou_mcp.config import (
+    KNOBS,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    TASK_TYPES,
+    TRANSPORTS,
+    ConfigError,
+    Settings,
+)
 from koubou_mcp.models import FINAL_STATUSES, TaskStatus, utcnow
 from koubou_mcp.store import Store, StoreError, open_store
 
@@ -92,14 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the MCP server (stdio by default) and its worker pool")
     _add_store_flags(p)
     _add_pool_flags(p)
-    p.add_argument("--no-pool", action="store_true",
-                   help="front end only: do not start workers (a `koubou-mcp pool` elsewhere "
-                        "runs them)")
+    p.add_argument("--no-pool", action="store_true", default=None,
+                   help=_env_help("no_pool", "front end only: do not start workers (a "
+                                             "`koubou-mcp pool` elsewhere runs them)"))
     p.add_argument("--ollama-url", help=_env_help("ollama_url"))
-    p.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio",
-                   help="MCP transport; default stdio")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address; default 127.0.0.1")
-    p.add_argument("--port", type=_positive_int, default=8765, help="HTTP port; default 8765")
+    p.add_argument("--transport", choices=TRANSPORTS,
+                   help=_env_help("transport", "MCP transport; streamable-http also serves the "
+                                               "REST API and /metrics") + "; default stdio")
+    p.add_argument("--host", dest="http_host",
+                   help=_env_help("http_host", "HTTP bind address; anything but loopback "
+                                               "needs KOUBOU_HTTP_TOKEN") + "; default 127.0.0.1")
+    p.add_argument("--port", dest="http_port", type=_positive_int,
+                   help=_env_help("http_port", "HTTP port") + "; default 8765")
 
     p = sub.add_parser("worker", help="run one worker process in the foreground")
     _add_store_flags(p)
@@ -179,7 +191,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
         name: getattr(args, name)
         for name in ("home", "database_url", "ollama_url", "min_workers", "max_workers",
-                     "scale_up_threshold", "idle_timeout_s")
+                     "scale_up_threshold", "idle_timeout_s", "transport", "http_host",
+                     "http_port", "no_pool")
         if getattr(args, name, None) is not None
     }
     return Settings.from_env(**overrides)
@@ -390,15 +403,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)  # validate before importing anything heavy
     from koubou_mcp.server import run_server
 
+    # Over stdio, stderr ends up in the client's logs: warnings only. Over HTTP it is the
+    # terminal of whoever started the server: say where it listens.
+    quiet = logging.WARNING if settings.transport == "stdio" else logging.INFO
     try:
-        setup_logging(settings, settings.logs_dir / "mcp_server.log",
-                      stderr_level=logging.WARNING)
+        setup_logging(settings, settings.logs_dir / "mcp_server.log", stderr_level=quiet)
     except OSError as exc:  # serve anyway: health and tool errors say what is wrong
         setup_logging(settings, None, stderr_level=logging.INFO)
         log.warning("cannot write %s (%s); logging to stderr only",
                     settings.logs_dir / "mcp_server.log", exc.strerror or exc)
-    run_server(settings, pool=not args.no_pool, transport=args.transport, host=args.host,
-               port=args.port)
+    run_server(settings, pool=not settings.no_pool, transport=settings.transport,
+               host=settings.http_host, port=settings.http_port)
     return EXIT_OK
 
 
@@ -420,7 +435,7 @@ def cmd_load_test(args: argparse.Namespace) -> int:
     store: Store | None = None
     target: loadtest.Target
     if args.url:
-        token = args.token or os.environ.get("KOUBOU_HTTP_TOKEN") or None
+        token = args.token or settings.http_token or None
         target = loadtest.RestTarget(args.url, token)
     else:
         store = _store(settings)

@@ -19,6 +19,9 @@ from urllib.parse import urlparse
 
 TASK_TYPES = ("general", "code")
 SANDBOX_MODES = ("read-only", "workspace-write", "danger-full-access")
+TRANSPORTS = ("stdio", "streamable-http")
+#: The shortest bearer token accepted for the HTTP transport, characters
+MIN_HTTP_TOKEN_CHARS = 16
 PRIORITY_MIN, PRIORITY_MAX = 1, 10
 
 
@@ -88,6 +91,15 @@ KNOBS: dict[str, Knob] = {
     "hostname": Knob(
         "KOUBOU_HOSTNAME", None, "name this machine's workers record in `workers.host`"
     ),
+    "transport": Knob("KOUBOU_TRANSPORT", "--transport", "serve: MCP transport, stdio or "
+                      "streamable-http (MCP at /mcp plus the REST API and /metrics)"),
+    "http_host": Knob("KOUBOU_HTTP_HOST", "--host", "serve over HTTP: bind address (anything "
+                      "but loopback needs KOUBOU_HTTP_TOKEN)"),
+    "http_port": Knob("KOUBOU_HTTP_PORT", "--port", "serve over HTTP: TCP port"),
+    "http_token": Knob("KOUBOU_HTTP_TOKEN", None, "serve over HTTP: bearer token every request "
+                       f"must send (at least {MIN_HTTP_TOKEN_CHARS} characters)"),
+    "no_pool": Knob("KOUBOU_NO_POOL", "--no-pool", "serve: front end only, start no workers "
+                    "(true/false; a `koubou-mcp pool` elsewhere runs them)"),
 }
 
 
@@ -126,6 +138,11 @@ class Settings:
     sync_wait_s: float = 60.0
     log_level: str = "INFO"
     hostname: str = field(default_factory=socket.gethostname)
+    transport: str = "stdio"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8765
+    http_token: str = field(default="", repr=False)  # a secret: kept out of reprs and logs
+    no_pool: bool = False
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -200,6 +217,17 @@ class Settings:
              f"must not exceed the maximum ({self.max_workers})")
         need(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
              "must be DEBUG, INFO, WARNING or ERROR")
+        need(self.transport in TRANSPORTS, "transport", f"must be {' or '.join(TRANSPORTS)}")
+        need(bool(self.http_host) and not any(c.isspace() for c in self.http_host),
+             "http_host", "must be a host name or IP address such as 127.0.0.1")
+        need(1 <= self.http_port <= 65535, "http_port", "must be an integer from 1 to 65535")
+        token = self.http_token
+        if token and (len(token) < MIN_HTTP_TOKEN_CHARS or not token.isascii()
+                      or not all(c.isprintable() and not c.isspace() for c in token)):
+            # the value itself is a secret: never echo it
+            raise ConfigError(f"{_describe('http_token')} must be at least "
+                              f"{MIN_HTTP_TOKEN_CHARS} printable ASCII characters without spaces "
+                              f"(got {len(token)} characters)")
         need(0 < len(self.hostname) <= 255 and self.hostname.isprintable(), "hostname",
              "must be printable text of 1 to 255 characters")
 
@@ -254,9 +282,15 @@ def _describe(name: str) -> str:
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": float}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _parse(name: str, raw: str, type_name: str) -> Any:
+    if type_name == "bool":
+        word = raw.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise ConfigError(f"{_describe(name)} must be true or false (got {raw!r})")
+        return word in _TRUE
     if type_name in _PARSERS:
         try:
             value = _PARSERS[type_name](raw)

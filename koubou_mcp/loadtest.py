@@ -114,13 +114,11 @@ class RestTarget:
         return data
 
     def busy_and_live_workers(self) -> tuple[int, int]:
-        reply = self.client.get("/health")
-        if reply.status_code >= 500 and reply.status_code != 503:
-            return 0, 0
-        workers = reply.json().get("workers", {})
-        by_status = workers.get("by_status", {}) if isinstance(workers, dict) else {}
-        busy = int(by_status.get("busy", 0))
-        return busy, int(sum(int(v) for k, v in by_status.items() if k != "offline"))
+        # /workers, not /health: health probes Ollama and runs `codex --version` each time
+        reply = self.client.get("/workers")
+        reply.raise_for_status()
+        data = reply.json()
+        return int(data["by_status"].get("busy", 0)), int(data["live"])
 
     def close(self) -> None:
         self.client.close()

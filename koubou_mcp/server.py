@@ -12,6 +12,10 @@ as strings, the SDK would evaluate them in module scope, where the settings are 
 
 Nothing may reach stdout but JSON-RPC: the SDK's stdio transport points fd 1 at stderr while it
 serves, so stray prints and the children we start cannot corrupt the protocol stream.
+
+Over HTTP (``serve_http``) the same server answers at ``/mcp`` on one Starlette app with the
+REST API and ``/metrics`` of ``http_api`` (which reuses ``submit``, ``wait_for_task`` and
+``health_document`` from here), behind its ``Guard``; this module only wires them.
 """
 
 import json
@@ -20,8 +24,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 
@@ -35,7 +39,7 @@ from pydantic_core import PydanticCustomError
 from sqlalchemy.exc import SQLAlchemyError
 
 from koubou_mcp import __version__, health, queue
-from koubou_mcp.config import PRIORITY_MAX, PRIORITY_MIN, Settings
+from koubou_mcp.config import PRIORITY_MAX, PRIORITY_MIN, ConfigError, Settings
 from koubou_mcp.models import FINAL_STATUSES, Task, TaskStatus, utcnow
 from koubou_mcp.store import Store, StoreError, open_store
 
@@ -199,6 +203,11 @@ def start_pool(settings: Settings) -> PoolHandle:
 
 # -- server state -------------------------------------------------------------------------
 
+class StoreUnavailable(ToolError):
+    """The task store is not open, or a call to it failed. The message says which and what to
+    do; the REST API answers it with 503."""
+
+
 @dataclass
 class ServerState:
     """What the lifespan opens and the tools use."""
@@ -212,8 +221,8 @@ class ServerState:
     def require_store(self) -> Store:
         if self.store is None:
             reason = (self.store_error or "not open").rstrip(".")
-            raise ToolError(f"the task store is unavailable: {reason}. Fix it (koubou-mcp "
-                            "doctor says how) and restart the server.")
+            raise StoreUnavailable(f"the task store is unavailable: {reason}. Fix it "
+                                   "(koubou-mcp doctor says how) and restart the server.")
         return self.store
 
 
@@ -226,6 +235,8 @@ class KoubouServer(MCPServer[Any]):
     """
 
     _schemas: dict[str, dict[str, Any]] | None = None
+    #: what the lifespan opens (set by ``build_server``); the HTTP routes read it too
+    state: ServerState
 
     async def _input_schema(self, name: str) -> dict[str, Any] | None:
         if self._schemas is None:
@@ -356,8 +367,8 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
     except SQLAlchemyError as exc:
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         log.error("store call %s failed: %s", getattr(fn, "__name__", fn), detail)
-        raise ToolError(f"the task store failed: {detail}; read koubou://health or run "
-                        "`koubou-mcp doctor`") from None
+        raise StoreUnavailable(f"the task store failed: {detail}; read koubou://health or "
+                               "run `koubou-mcp doctor`") from None
 
 
 # -- waiting ------------------------------------------------------------------------------
@@ -396,6 +407,45 @@ def _progress_message(task: queue.Progress, elapsed: float, wait_s: float) -> st
             f"(waiting up to {wait_s:g} s)")
 
 
+# -- shared by the tools and the REST API -------------------------------------------------
+
+async def submit(store: Store, settings: Settings, request: queue.TaskRequest, *,
+                 wait_s: float | None = None,
+                 on_progress: ProgressFn | None = None) -> DelegateResult:
+    """Queue a validated request; with ``wait_s``, wait up to that long for it to end (a sync
+    delegate). What ``delegate_task`` and ``POST /task/delegate`` answer."""
+    enqueued = await in_thread(lambda: queue.enqueue(store, request, settings, utcnow()))
+    task, waited = enqueued.task, None
+    if wait_s is not None:
+        task, elapsed = await wait_for_task(store, task.task_id, wait_s, on_progress)
+        waited = round(elapsed, 3)
+    record = queue.task_record(task, include_prompt=False)
+    return DelegateResult(
+        task_id=task.task_id, status=record["status"], type=record["type"],
+        priority=task.priority, created=enqueued.created, result=task.result,
+        error=task.error, worker_id=task.worker_id, attempts=task.attempts,
+        duration_s=record["duration_s"], waited_s=waited, next_step=_next_step(task),
+    )
+
+
+def default_wait_s(settings: Settings) -> float:
+    """How long a sync delegate waits when the caller does not say, s."""
+    return min(settings.sync_wait_s, MAX_SYNC_WAIT_S)
+
+
+async def health_document(state: ServerState, pool: bool) -> dict[str, Any]:
+    """The ``koubou://health`` document (``GET /health`` too)."""
+    supervisor = None
+    if state.pool is not None:
+        supervisor = await anyio.to_thread.run_sync(state.pool.health)
+    document = await health.collect_health(
+        state.settings, state.store, supervisor=supervisor, store_error=state.store_error,
+        pool_error=state.pool_error)
+    document["server"] = {"pid": os.getpid(), "pool": "in this process" if pool
+                          else "not started (--no-pool)"}
+    return document
+
+
 # -- the server ---------------------------------------------------------------------------
 
 def build_server(settings: Settings, *, pool: bool = True) -> KoubouServer:
@@ -425,14 +475,15 @@ def build_server(settings: Settings, *, pool: bool = True) -> KoubouServer:
             with anyio.CancelScope(shield=True):
                 await _shutdown(state)
 
-    default_wait_s = min(settings.sync_wait_s, MAX_SYNC_WAIT_S)
+    default_wait = default_wait_s(settings)
     server = KoubouServer(
         "koubou",
         title="koubou: delegate work to local models",
-        instructions=instructions(default_wait_s),
+        instructions=instructions(default_wait),
         version=__version__,
         lifespan=lifespan,
     )
+    server.state = state
 
     @server.tool(
         title="Delegate a task to a local model",
@@ -460,7 +511,7 @@ def build_server(settings: Settings, *, pool: bool = True) -> KoubouServer:
         wait_s: Annotated[Annotated[float, Field(
             ge=0, le=MAX_SYNC_WAIT_S, allow_inf_nan=False), NotBool] | None, Field(
             description=f"sync only: longest wait for the result, s (default "
-                        f"{default_wait_s:g}); the task goes on after it")] = None,
+                        f"{default_wait:g}); the task goes on after it")] = None,
         idempotency_key: Annotated[str | None, Field(
             max_length=queue.MAX_IDEMPOTENCY_KEY,
             description="retrying with the same key returns the unfinished task instead of "
@@ -475,27 +526,17 @@ def build_server(settings: Settings, *, pool: bool = True) -> KoubouServer:
                                              idempotency_key)
         except queue.InvalidTask as exc:
             raise ToolError(str(exc)) from None
-        enqueued = await in_thread(lambda: queue.enqueue(store, request, settings, utcnow()))
-        task, waited = enqueued.task, None
-        if sync:
-            limit = default_wait_s if wait_s is None else wait_s
+        limit = (default_wait if wait_s is None else wait_s) if sync else None
 
-            async def progress(current: queue.Progress, elapsed: float) -> None:
-                await ctx.report_progress(round(elapsed, 1), limit,
-                                          _progress_message(current, elapsed, limit))
+        async def progress(current: queue.Progress, elapsed: float) -> None:
+            await ctx.report_progress(round(elapsed, 1), limit,
+                                      _progress_message(current, elapsed, limit or 0.0))
 
-            task, elapsed = await wait_for_task(store, task.task_id, limit, progress)
-            waited = round(elapsed, 3)
-        record = queue.task_record(task, include_prompt=False)
-        result = DelegateResult(
-            task_id=task.task_id, status=record["status"], type=record["type"],
-            priority=task.priority, created=enqueued.created, result=task.result,
-            error=task.error, worker_id=task.worker_id, attempts=task.attempts,
-            duration_s=record["duration_s"], waited_s=waited, next_step=_next_step(task),
-        )
-        prefix = "" if enqueued.created else "(an unfinished task with this idempotency_key " \
-                                             "already existed)\n"
-        return _result(result, prefix + _render(record, result.next_step))
+        result = await submit(store, settings, request, wait_s=limit, on_progress=progress)
+        prefix = "" if result.created else "(an unfinished task with this idempotency_key " \
+                                           "already existed)\n"
+        return _result(result, prefix + _render(result.model_dump(mode="json"),
+                                                result.next_step))
 
     @server.tool(
         title="Get a delegated task's status and result",
@@ -532,7 +573,7 @@ def build_server(settings: Settings, *, pool: bool = True) -> KoubouServer:
             return queue.list_tasks(store, status, limit), queue.counts_by_status(store)
 
         tasks, counts = await in_thread(read)
-        return TaskList(tasks=[_summary(t) for t in tasks], counts=counts)
+        return TaskList(tasks=[task_summary(t) for t in tasks], counts=counts)
 
     @server.tool(
         title="Cancel a delegated task",
@@ -557,15 +598,7 @@ def build_server(settings: Settings, *, pool: bool = True) -> KoubouServer:
                      description="ok/degraded/down; database, pool and workers, queue depth, "
                                  "Ollama and Codex, each with the reason when not ok")
     async def health_resource() -> str:
-        supervisor = None
-        if state.pool is not None:
-            supervisor = await anyio.to_thread.run_sync(state.pool.health)
-        document = await health.collect_health(
-            settings, state.store, supervisor=supervisor, store_error=state.store_error,
-            pool_error=state.pool_error)
-        document["server"] = {"pid": os.getpid(), "pool": "in this process" if pool
-                              else "not started (--no-pool)"}
-        return json.dumps(document, indent=2)
+        return json.dumps(await health_document(state, pool), indent=2)
 
     @server.resource("koubou://stats", name="stats", mime_type="application/json",
                      title="koubou statistics",
@@ -592,7 +625,7 @@ def build_server(settings: Settings, *, pool: bool = True) -> KoubouServer:
     return server
 
 
-def _summary(task: Task) -> TaskSummary:
+def task_summary(task: Task) -> TaskSummary:
     record = queue.task_record(task, include_prompt=False)
     preview = " ".join(task.prompt.split())
     return TaskSummary(
@@ -630,16 +663,127 @@ def run_server(settings: Settings, *, pool: bool = True, transport: str = "stdio
                host: str = "127.0.0.1", port: int = 8765) -> None:
     """Serve MCP on stdio (what Claude Code starts) or streamable HTTP until the client goes
     away or a stop signal arrives."""
-    server = build_server(settings, pool=pool)
     if transport == "stdio":
+        server = build_server(settings, pool=pool)
         anyio.run(_serve_until_signal, server.run_stdio_async)
-    elif transport == "streamable-http":  # uvicorn handles the stop signals itself
-        async def serve_http() -> None:
-            await server.run_streamable_http_async(host=host, port=port)
-
-        anyio.run(serve_http)
+    elif transport == "streamable-http":
+        serve_http(settings, pool=pool, host=host, port=port)
     else:
         raise ValueError(f"unknown transport {transport!r}; use stdio or streamable-http")
+
+
+# -- over HTTP ----------------------------------------------------------------------------
+
+#: After a stop signal, how long open HTTP requests (a sync wait, an MCP stream) may go on, s
+HTTP_DRAIN_S = 3.0
+
+
+def build_http_app(settings: Settings, *, pool: bool = True) -> Any:
+    """One ASGI application for the HTTP transport: MCP at ``/mcp`` and the REST API and
+    ``/metrics`` (``http_api``) beside it, on one Starlette app whose lifespan is the MCP
+    server's, all behind ``http_api.Guard`` (token or loopback checks, body size limit)."""
+    try:
+        from koubou_mcp import http_api
+    except ImportError as exc:  # prometheus_client is in the `http` extra
+        raise ConfigError(f"the HTTP transport needs {exc.name}: pip install "
+                          "'koubou-mcp[http]'") from None
+    from mcp.server.transport_security import TransportSecuritySettings
+    from starlette.exceptions import HTTPException
+
+    server = build_server(settings, pool=pool)
+    state = server.state
+    api = http_api.RestApi(state, lambda: health_document(state, pool))
+    for endpoint in api.endpoints():
+        server.custom_route(endpoint.path, endpoint.methods)(endpoint.handler)
+    limit = http_api.max_body_bytes(settings)
+    app = server.streamable_http_app(
+        max_request_body_size=limit,
+        # the Guard checks Host and Origin for every route (the SDK's check covers only /mcp,
+        # and would refuse a reverse proxy's Host even when a token protects the server)
+        transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+    )
+    app.add_exception_handler(HTTPException, http_api.http_error)
+    return http_api.Guard(app, token=settings.http_token, max_body=limit)
+
+
+def serve_http(settings: Settings, *, pool: bool, host: str, port: int) -> None:
+    """Serve the HTTP transport until SIGTERM/SIGINT/SIGHUP (a second one forces).
+
+    Refuses (ConfigError) to bind a non-loopback address without ``KOUBOU_HTTP_TOKEN``, and
+    binds before anything starts, so a port in use is reported before a pool is spawned.
+    """
+    import uvicorn
+
+    from koubou_mcp import http_api
+
+    http_api.check_bind(host, settings.http_token)
+    app = build_http_app(settings, pool=pool)
+    sock = _listen(host, port)
+    config = uvicorn.Config(
+        app, log_config=None, log_level=settings.log_level.lower(), lifespan="on", ws="none",
+        access_log=settings.log_level == "DEBUG", server_header=False,
+        timeout_graceful_shutdown=int(HTTP_DRAIN_S),
+    )
+    where = f"[{host}]" if ":" in host else host
+    log.info("serving MCP at http://%s:%d/mcp, the REST API and /metrics (%s)", where, port,
+             "bearer token required" if settings.http_token else "loopback only, no token")
+    try:
+        anyio.run(_serve_uvicorn, config, sock)
+    finally:
+        sock.close()
+
+
+async def _serve_uvicorn(config: Any, sock: Any) -> None:
+    """Run uvicorn on ``sock``, stopping on SIGTERM/SIGINT/SIGHUP like the stdio server: the
+    first signal drains (open requests get ``HTTP_DRAIN_S``, then the lifespan stops the pool),
+    a second one forces. uvicorn's own handling would re-raise the signal after a clean
+    shutdown, so the process would seem killed; here it exits 0."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # the watcher below handles the signals
+
+    server = Server(config)
+    async with anyio.create_task_group() as tg:
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                            signal.SIGHUP) as signals:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if server.should_exit:
+                        log.warning("received %s again: stopping now", name)
+                        server.force_exit = True
+                        continue
+                    log.info("received %s: shutting down", name)
+                    server.should_exit = True
+                    _arm_watchdog(HTTP_DRAIN_S + SHUTDOWN_GRACE_S + 5.0)
+
+        tg.start_soon(watch)
+        await server.serve(sockets=[sock])
+        tg.cancel_scope.cancel()
+
+
+def _listen(host: str, port: int) -> Any:
+    import socket
+
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; is another "
+                          "server using it? Choose another --port (KOUBOU_HTTP_PORT) or "
+                          "--host (KOUBOU_HTTP_HOST)") from None
+    sock.setblocking(False)
+    return sock
 
 
 async def _serve_until_signal(serve: Callable[[], Awaitable[None]]) -> None:
@@ -681,6 +825,8 @@ def _arm_watchdog(delay_s: float) -> None:
 
 __all__ = [
     "MAX_SYNC_WAIT_S", "instructions", "DelegateResult", "KoubouServer", "ServerState",
-    "TaskList", "TaskRecord", "TaskSummary", "build_server", "describe_schema",
-    "explain_validation", "run_server", "start_pool", "wait_for_task",
+    "StoreUnavailable", "TaskList", "TaskRecord", "TaskSummary", "build_http_app",
+    "build_server", "default_wait_s", "describe_schema", "explain_validation",
+    "health_document", "run_server", "serve_http", "start_pool", "submit", "task_summary",
+    "wait_for_task",
 ]

@@ -385,6 +385,10 @@ class Supervisor:
         #: the decisions that changed something, newest last
         self.history: deque[tuple[datetime, Decision]] = deque(maxlen=200)
         self.last_decision: Decision | None = None
+        #: running totals since this supervisor started, for /metrics: decisions that started
+        #: (scale-up events) or retired (scale-down events) workers, and the workers concerned
+        self.scaling = {"up_events": 0, "down_events": 0, "workers_started": 0,
+                        "workers_retired": 0}
         self.log = logging.LoggerAdapter(log, {"koubou_home": str(settings.home)})
         self._stats_log = logging.LoggerAdapter(
             logging.getLogger(STATS_LOGGER_NAME), {"koubou_home": str(settings.home)})
@@ -506,11 +510,16 @@ class Supervisor:
         if decision.changes:
             self.history.append((now, decision))
             self.log.info("scale: %s", decision.reason)
+        started, retired = self.scaling["workers_started"], self.scaling["workers_retired"]
         for worker_id in decision.retire:
             self._retire(worker_id, now)
         spawns = self._allowed_spawns(decision.spawn, now)
         for _ in range(spawns):
             self._spawn(now)
+        if self.scaling["workers_started"] > started:
+            self.scaling["up_events"] += 1
+        if self.scaling["workers_retired"] > retired:
+            self.scaling["down_events"] += 1
 
     def _allowed_spawns(self, wanted: int, now: datetime) -> int:
         """``wanted``, unless workers keep failing at start-up: then one at a time, after the
@@ -543,6 +552,7 @@ class Supervisor:
             self._startup_failed(now, f"cannot start a worker: {exc}")
             return
         self.workers[worker_id] = Managed(worker_id, process, now)
+        self.scaling["workers_started"] += 1
         self.log.info("started worker %s (pid %d)", worker_id, process.pid)
 
     def _retire(self, worker_id: str, now: datetime) -> None:
@@ -551,6 +561,7 @@ class Supervisor:
             return
         m.process.terminate()
         m.phase, m.signalled_at = Phase.RETIRING, now
+        self.scaling["workers_retired"] += 1
         self._db(queue.set_worker_status, self.store, worker_id, WorkerStatus.STOPPING, now)
         self.log.info("retiring idle worker %s (pid %d)", worker_id, m.process.pid)
 
@@ -816,6 +827,7 @@ class Supervisor:
                             if last_change else None),
             "last_tick": now.isoformat() + "Z",
             "last_error": self._last_error,
+            "scaling": dict(self.scaling),
         }
 
     def _attach_pool_log(self) -> None:

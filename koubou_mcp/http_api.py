@@ -1,0 +1,455 @@
+"""The HTTP side of ``koubou-mcp serve --transport streamable-http``: the seed's REST API next
+to MCP at ``/mcp``, ``/metrics``, and the guard in front of every route.
+
+Routes (JSON in and out; an error is ``{"error": "<what is wrong and what is accepted>"}``,
+plus ``"field"`` when one field is to blame):
+
+* ``GET /health``: the ``koubou://health`` document; 503 when its status is ``down``.
+* ``POST /task/delegate``: ``{"prompt", "type", "priority", "sync", "timeout_s", "wait_s",
+  "idempotency_key"}`` (only ``prompt`` required) → what the ``delegate_task`` tool returns:
+  ``{"task_id", "status", "result", ...}``. With ``"sync": true`` it waits like the tool, at
+  most ``wait_s``. 400 for a body that is not a JSON object, 422 for a bad field.
+* ``GET /task/{task_id}/status[?include_prompt=true]``: the task's record; 404 when unknown.
+* ``POST /task/{task_id}/cancel``: cancel it; 404 when unknown, 409 when it already ended.
+* ``GET /tasks[?status=&limit=]``: ``{"tasks": [...], "counts": {...}}``, newest first.
+* ``GET /workers``: live workers, with counts by status and host.
+* ``GET /metrics``: Prometheus text (``metrics.py``).
+
+The checks of the fields are those of the MCP tools (``queue.validate_request``), so the
+messages are the same.
+
+``Guard`` wraps the whole application, MCP included:
+
+1. With no token (so bound to loopback: ``check_bind`` refuses anything else), the ``Host``
+   must name a loopback address and an ``Origin``, when sent, must be loopback too: a web page
+   cannot reach the API through DNS rebinding or a cross-site request (421 / 403).
+2. With a token (``KOUBOU_HTTP_TOKEN``), every request must carry ``Authorization: Bearer
+   <token>``, compared in constant time (401).
+3. Request bodies over ``max_body_bytes`` are refused before they are read (413).
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import ipaddress
+import json
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+import anyio.to_thread
+from starlette.datastructures import Headers, QueryParams
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from koubou_mcp import health as health_checks
+from koubou_mcp import queue
+from koubou_mcp.config import MIN_HTTP_TOKEN_CHARS, ConfigError, Settings
+from koubou_mcp.metrics import StoreCollector, build_registry, render
+from koubou_mcp.models import Task, TaskStatus, WorkerStatus, utcnow
+from koubou_mcp.server import (
+    MAX_LIST_LIMIT,
+    MAX_SYNC_WAIT_S,
+    ServerState,
+    StoreUnavailable,
+    TaskList,
+    default_wait_s,
+    in_thread,
+    submit,
+    task_summary,
+)
+
+#: Room in a request body beyond the prompt itself (the other fields, JSON syntax), bytes
+BODY_SLACK_BYTES = 64 * 1024
+#: The fields ``POST /task/delegate`` accepts, in the order its errors list them
+DELEGATE_FIELDS = ("prompt", "type", "priority", "sync", "timeout_s", "wait_s",
+                   "idempotency_key")
+#: Fields ``queue.validate_request`` checks; its messages start with the field's name
+_VALIDATED = frozenset({"prompt", "type", "priority", "timeout_s", "idempotency_key"})
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+# -- binding --------------------------------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` only accepts connections from this machine."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_bind(host: str, token: str) -> None:
+    """Refuse to serve beyond this machine without a token (ConfigError says how to fix it)."""
+    if token or is_loopback(host):
+        return
+    raise ConfigError(
+        f"refusing to serve HTTP on {host}: it is not a loopback address, and without a token "
+        "anyone who can reach the port could run prompts and read every result. Set "
+        f"KOUBOU_HTTP_TOKEN to a secret of at least {MIN_HTTP_TOKEN_CHARS} characters (for "
+        "example the output of `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`) "
+        "and have clients send `Authorization: Bearer <token>`; or bind 127.0.0.1 (the default)"
+    )
+
+
+def max_body_bytes(settings: Settings) -> int:
+    """The largest request body accepted: room for the longest prompt allowed even when every
+    character is sent as a ``\\uXXXX`` escape (6 bytes), plus the other fields."""
+    return 6 * settings.max_prompt_chars + BODY_SLACK_BYTES
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """An answer other than success: its status and a JSON body."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": message, **extra}
+        self.headers: dict[str, str] = {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+def _unauthorized(message: str) -> ApiError:
+    error = ApiError(401, message)
+    error.headers["WWW-Authenticate"] = 'Bearer realm="koubou"'
+    return error
+
+
+def _field_of(message: str) -> str | None:
+    first = message.split(" ", 1)[0]
+    return first if first in _VALIDATED else None
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown path, wrong method) as JSON like ours."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = (f"no route {request.url.path}; the API has /health, /task/delegate, "
+                   "/task/<id>/status, /task/<id>/cancel, /tasks, /workers, /metrics and /mcp")
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return JSONResponse({"error": message}, status_code=exc.status_code,
+                        headers=dict(exc.headers or {}))
+
+
+# -- the guard ------------------------------------------------------------------------------
+
+class Guard:
+    """ASGI middleware in front of everything: origin checks or the bearer token, then the
+    body size limit. See the module docstring."""
+
+    def __init__(self, app: ASGIApp, *, token: str, max_body: int) -> None:
+        self.app = app
+        self.token = token.encode("utf-8") if token else None
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # no websockets here
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        headers = Headers(scope=scope)
+        try:
+            self._check_caller(headers)
+            length = self._declared_length(headers)
+        except ApiError as exc:
+            await exc.response()(scope, receive, send)
+            return
+        if length is None and "transfer-encoding" in headers:  # chunked: count as it comes
+            body = await self._read_capped(receive)
+            if body is None:
+                await self._too_large().response()(scope, receive, send)
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    def _check_caller(self, headers: Headers) -> None:
+        if self.token is None:
+            host = headers.get("host", "")
+            if _hostname(host) not in _LOOPBACK_NAMES:
+                raise ApiError(421, f"Host {host!r} is not a loopback name: this server only "
+                                    "answers requests addressed to 127.0.0.1, localhost or "
+                                    "[::1] (set KOUBOU_HTTP_TOKEN to serve other names)")
+            origin = headers.get("origin")
+            if origin is not None and _hostname(urlsplit(origin).netloc) not in _LOOPBACK_NAMES:
+                raise ApiError(403, f"cross-origin request from {origin!r} refused")
+            return
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise _unauthorized("this server needs `Authorization: Bearer <token>` with the "
+                                "KOUBOU_HTTP_TOKEN it was started with")
+        if not hmac.compare_digest(given.strip().encode("latin-1"), self.token):
+            raise _unauthorized("wrong bearer token")
+
+    def _declared_length(self, headers: Headers) -> int | None:
+        raw = headers.get("content-length")
+        if raw is None:
+            return None
+        try:
+            length = int(raw)
+        except ValueError:
+            raise ApiError(400, f"Content-Length {raw!r} is not a number") from None
+        if length > self.max_body:
+            raise self._too_large()
+        return length
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"request body larger than {self.max_body} bytes (6 bytes per "
+                             "KOUBOU_MAX_PROMPT_CHARS plus 64 KiB)", limit_bytes=self.max_body)
+
+    async def _read_capped(self, receive: Receive) -> bytes | None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away; the app will see it too
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _hostname(authority: str) -> str:
+    """The host part of a ``Host`` header or an origin's netloc, lowercase, without brackets
+    or port."""
+    authority = authority.strip().lower().rsplit("@", 1)[-1]
+    if authority.startswith("["):
+        return authority[1:].split("]", 1)[0]
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # then whatever comes next (a disconnect)
+
+    return replay
+
+
+# -- the REST API ---------------------------------------------------------------------------
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Endpoint(NamedTuple):
+    path: str
+    methods: list[str]
+    handler: Handler
+
+
+def _json_errors(handler: Handler) -> Handler:
+    @functools.wraps(handler)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except StoreUnavailable as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+
+    return wrapped
+
+
+class RestApi:
+    """The seed's REST API over the state of one MCP server (its store, settings and pool)."""
+
+    def __init__(self, state: ServerState,
+                 health: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        self.state = state
+        self.settings = state.settings
+        self._health = health
+        self._registry = build_registry(StoreCollector(
+            state.settings, lambda: state.store,
+            lambda: state.pool.health() if state.pool is not None else None))
+
+    def endpoints(self) -> list[Endpoint]:
+        routes = [
+            ("/health", ["GET"], self.health),
+            ("/task/delegate", ["POST"], self.delegate),
+            ("/task/{task_id}/status", ["GET"], self.status),
+            ("/task/{task_id}/cancel", ["POST"], self.cancel),
+            ("/tasks", ["GET"], self.tasks),
+            ("/workers", ["GET"], self.workers),
+            ("/metrics", ["GET"], self.metrics),
+        ]
+        return [Endpoint(path, methods, _json_errors(fn)) for path, methods, fn in routes]
+
+    # -- routes --------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        _query(request, ())
+        document = await self._health()
+        return JSONResponse(document, status_code=503 if document["status"] == "down" else 200)
+
+    async def delegate(self, request: Request) -> Response:
+        body = await _json_object(request)
+        unknown = sorted(set(body) - set(DELEGATE_FIELDS))
+        if unknown:
+            raise ApiError(422, f"unknown field(s) {', '.join(unknown)}; /task/delegate accepts "
+                                f"{', '.join(DELEGATE_FIELDS)}", field=unknown[0])
+        if "prompt" not in body:
+            raise ApiError(422, "prompt is required: everything the local model needs",
+                           field="prompt")
+        try:
+            task_request = queue.validate_request(
+                self.settings, body["prompt"], body.get("type", "general"),
+                body.get("priority", 5), body.get("timeout_s"), body.get("idempotency_key"))
+        except queue.InvalidTask as exc:
+            raise ApiError(422, str(exc), field=_field_of(str(exc))) from None
+        sync = body.get("sync", False)
+        if not isinstance(sync, bool):
+            raise ApiError(422, f"sync must be true or false, got {_json(sync)}", field="sync")
+        wait_s = body.get("wait_s")
+        if wait_s is not None and (isinstance(wait_s, bool) or not isinstance(wait_s, int | float)
+                                   or not math.isfinite(wait_s)
+                                   or not 0 <= wait_s <= MAX_SYNC_WAIT_S):
+            raise ApiError(422, f"wait_s must be a number of seconds from 0 to "
+                                f"{MAX_SYNC_WAIT_S:g}, got {_json(wait_s)}", field="wait_s")
+        store = self.state.require_store()
+        limit = None
+        if sync:
+            limit = default_wait_s(self.settings) if wait_s is None else float(wait_s)
+        result = await submit(store, self.settings, task_request, wait_s=limit)
+        return JSONResponse(result.model_dump(mode="json"))
+
+    async def status(self, request: Request) -> Response:
+        params = _query(request, ("include_prompt",))
+        include_prompt = _flag(params, "include_prompt")
+        task = await self._task(request)
+        return JSONResponse(queue.task_record(task, include_prompt=include_prompt))
+
+    async def cancel(self, request: Request) -> Response:
+        _query(request, ())
+        task_id = request.path_params["task_id"]
+        store = self.state.require_store()
+        try:
+            task = await in_thread(lambda: queue.cancel(store, task_id, utcnow()))
+        except queue.TaskNotFound as exc:
+            raise ApiError(404, str(exc), task_id=task_id) from None
+        except queue.TaskStateError as exc:
+            raise ApiError(409, str(exc), task_id=task_id) from None
+        return JSONResponse(queue.task_record(task, include_prompt=False))
+
+    async def tasks(self, request: Request) -> Response:
+        params = _query(request, ("status", "limit"))
+        status = params.get("status") or None
+        statuses = [s.value for s in TaskStatus]
+        if status is not None and status not in statuses:
+            raise ApiError(422, f"status must be one of {', '.join(statuses)}, got "
+                                f"{status!r}", field="status")
+        raw_limit = params.get("limit", "20")
+        try:
+            limit = int(raw_limit)
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ApiError(422, f"limit must be an integer from 1 to {MAX_LIST_LIMIT}, got "
+                                f"{raw_limit!r}", field="limit")
+        store = self.state.require_store()
+
+        def read() -> tuple[list[Task], dict[str, int]]:
+            return queue.list_tasks(store, status, limit), queue.counts_by_status(store)
+
+        tasks, counts = await in_thread(read)
+        listing = TaskList(tasks=[task_summary(t) for t in tasks], counts=counts)
+        return JSONResponse(listing.model_dump(mode="json"))
+
+    async def workers(self, request: Request) -> Response:
+        _query(request, ())
+        store = self.state.require_store()
+        live = await in_thread(health_checks.live_workers, store, self.settings, utcnow())
+        by_status = {s: 0 for s in (WorkerStatus.STARTING.value, WorkerStatus.IDLE.value,
+                                    WorkerStatus.BUSY.value, WorkerStatus.STOPPING.value)}
+        by_host: dict[str, dict[str, int]] = {}
+        for w in live:
+            by_status[w["status"]] = by_status.get(w["status"], 0) + 1
+            host = by_host.setdefault(w["host"], {})
+            host[w["status"]] = host.get(w["status"], 0) + 1
+        return JSONResponse({"live": len(live), "by_status": by_status, "by_host": by_host,
+                             "workers": live})
+
+    async def metrics(self, request: Request) -> Response:
+        _query(request, ())
+        body, content_type = await anyio.to_thread.run_sync(
+            render, self._registry, request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
+
+    # -- helpers -------------------------------------------------------------------------
+    async def _task(self, request: Request) -> Task:
+        task_id = request.path_params["task_id"]
+        store = self.state.require_store()
+        try:
+            return await in_thread(queue.get_task, store, task_id)
+        except queue.TaskNotFound as exc:
+            raise ApiError(404, str(exc), task_id=task_id) from None
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        raise ApiError(400, 'the body is empty; send a JSON object such as {"prompt": "..."}')
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the body must be a JSON object, got {_kind(data)}")
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _query(request: Request, allowed: tuple[str, ...]) -> QueryParams:
+    params = request.query_params
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        accepted = ", ".join(allowed) if allowed else "none"
+        raise ApiError(422, f"unknown query parameter(s) {', '.join(unknown)}; "
+                            f"{request.url.path} accepts {accepted}", field=unknown[0])
+    return params
+
+
+def _flag(params: QueryParams, name: str) -> bool:
+    raw = params.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise ApiError(422, f"{name} must be true or false, got {raw!r}", field=name)
+    return raw in ("true", "1")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def _json(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+__all__ = ["ApiError", "Guard", "RestApi", "check_bind", "http_error", "is_loopback",
+           "max_body_bytes"]
