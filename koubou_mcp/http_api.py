@@ -50,7 +50,7 @@ from koubou_mcp import health as health_checks
 from koubou_mcp import queue
 from koubou_mcp.config import MIN_HTTP_TOKEN_CHARS, ConfigError, Settings
 from koubou_mcp.metrics import StoreCollector, build_registry, render
-from koubou_mcp.models import Task, TaskStatus, WorkerStatus, utcnow
+from koubou_mcp.models import TaskSnapshot, TaskStatus, WorkerStatus, utcnow
 from koubou_mcp.server import (
     MAX_LIST_LIMIT,
     MAX_SYNC_WAIT_S,
@@ -370,7 +370,7 @@ class RestApi:
                                 f"{raw_limit!r}", field="limit")
         store = self.state.require_store()
 
-        def read() -> tuple[list[Task], dict[str, int]]:
+        def read() -> tuple[list[TaskSnapshot], dict[str, int]]:
             return queue.list_tasks(store, status, limit), queue.counts_by_status(store)
 
         tasks, counts = await in_thread(read)
@@ -398,7 +398,7 @@ class RestApi:
         return Response(body, headers={"Content-Type": content_type})
 
     # -- helpers -------------------------------------------------------------------------
-    async def _task(self, request: Request) -> Task:
+    async def _task(self, request: Request) -> TaskSnapshot:
         task_id = request.path_params["task_id"]
         store = self.state.require_store()
         try:

@@ -7,6 +7,7 @@ which SQLite's date functions read, so ``last_heartbeat > datetime('now', '-1 mi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -116,3 +117,47 @@ class Meta(SQLModel, table=True):
 
     key: str = Field(primary_key=True, max_length=64)
     value: str = Field(max_length=255)
+
+
+# -- snapshots ----------------------------------------------------------------------------
+# What the queue hands out: plain, immutable copies of a row. Building an instance of a table
+# model goes through the ORM's instrumentation and cost a third of an enqueue; these cost
+# next to nothing, and nobody can mistake them for live rows.
+
+@dataclass(frozen=True, slots=True)
+class TaskSnapshot:
+    task_id: str
+    type: str
+    prompt: str
+    status: str
+    priority: int
+    result: str | None
+    error: str | None
+    error_kind: str | None
+    attempts: int
+    max_attempts: int
+    timeout_s: float
+    worker_id: str | None
+    lease_expires_at: datetime | None
+    not_before: datetime | None
+    cancel_requested: bool
+    idempotency_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSnapshot:
+    worker_id: str
+    status: str
+    current_task: str | None
+    tasks_completed: int
+    tasks_failed: int
+    host: str
+    pid: int | None
+    last_heartbeat: datetime
+    idle_since: datetime | None
+    created_at: datetime
+    stopped_at: datetime | None

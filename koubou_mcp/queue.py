@@ -40,7 +40,15 @@ from sqlalchemy import (
 from sqlalchemy.sql.elements import ColumnElement
 
 from koubou_mcp.config import PRIORITY_MAX, PRIORITY_MIN, TASK_TYPES, Settings
-from koubou_mcp.models import FINAL_STATUSES, Task, TaskStatus, Worker, WorkerStatus
+from koubou_mcp.models import (
+    FINAL_STATUSES,
+    Task,
+    TaskSnapshot,
+    TaskStatus,
+    Worker,
+    WorkerSnapshot,
+    WorkerStatus,
+)
 from koubou_mcp.store import Store
 
 T = Task.__table__  # type: ignore[attr-defined]
@@ -149,7 +157,7 @@ _INSERT = T.insert().returning(*T.c)  # built once; the values travel as paramet
 
 @dataclass(frozen=True)
 class Enqueued:
-    task: Task
+    task: TaskSnapshot
     #: False when an unfinished task with the same idempotency key was returned instead
     created: bool
 
@@ -252,7 +260,7 @@ _WORKER_DONE = update(W).where(W.c.worker_id == _WORKER).values(
 )
 
 
-def claim_next(store: Store, worker_id: str, now: datetime, lease_s: float) -> Task | None:
+def claim_next(store: Store, worker_id: str, now: datetime, lease_s: float) -> TaskSnapshot | None:
     """Atomically take the best ready task for ``worker_id``, or None when there is none.
 
     Best = highest priority, then oldest. Tasks waiting out a retry backoff are not ready.
@@ -319,7 +327,7 @@ def fail(
     retry: bool = False,
     backoff: tuple[float, float] = (2.0, 60.0),
     jitter: float = 1.0,
-) -> Task | None:
+) -> TaskSnapshot | None:
     """Record a failed run.
 
     With ``retry`` (a transient error) and attempts left, the task goes back to ``pending`` and
@@ -392,7 +400,7 @@ def release(store: Store, task_id: str, worker_id: str, now: datetime) -> bool:
     return row is not None
 
 
-def cancel(store: Store, task_id: str, now: datetime) -> Task:
+def cancel(store: Store, task_id: str, now: datetime) -> TaskSnapshot:
     """Cancel a task. Pending: ``cancelled`` at once. Running: its worker is asked to stop
     (it sees the request at its next heartbeat, within about a second) and records
     ``cancelled``. Already cancelled: returned as is. Completed or failed: TaskStateError."""
@@ -530,7 +538,7 @@ def _worker_done(conn: Connection, worker_id: str, now: datetime, *, completed: 
 
 # -- reading ------------------------------------------------------------------------------
 
-def get_task(store: Store, task_id: str) -> Task:
+def get_task(store: Store, task_id: str) -> TaskSnapshot:
     """The task with ``task_id``; TaskNotFound when there is none."""
     with store.read() as conn:
         row = conn.execute(select(T).where(T.c.task_id == task_id)).first()
@@ -557,7 +565,7 @@ def task_progress(store: Store, task_id: str) -> Progress:
     return Progress(task_id, row.status, row.worker_id)
 
 
-def list_tasks(store: Store, status: str | None = None, limit: int = 20) -> list[Task]:
+def list_tasks(store: Store, status: str | None = None, limit: int = 20) -> list[TaskSnapshot]:
     """Tasks, newest first, optionally of one status."""
     query = select(T).order_by(T.c.created_at.desc(), T.c.task_id.desc()).limit(limit)
     if status is not None:
@@ -584,15 +592,15 @@ def ready_pending_count(store: Store, now: datetime) -> int:
         ).scalar_one())
 
 
-def list_workers(store: Store, include_offline: bool = False) -> list[Worker]:
+def list_workers(store: Store, include_offline: bool = False) -> list[WorkerSnapshot]:
     query = select(W).order_by(W.c.created_at)
     if not include_offline:
         query = query.where(W.c.status != WorkerStatus.OFFLINE.value)
     with store.read() as conn:
-        return [Worker(**row._mapping) for row in conn.execute(query)]
+        return [WorkerSnapshot(**row._mapping) for row in conn.execute(query)]
 
 
-def running_tasks(store: Store) -> list[Task]:
+def running_tasks(store: Store) -> list[TaskSnapshot]:
     """Tasks in progress (for the supervisor's overdue check)."""
     with store.read() as conn:
         return [_task(r) for r in conn.execute(
@@ -602,7 +610,7 @@ def running_tasks(store: Store) -> list[Task]:
 @dataclass(frozen=True)
 class Stats:
     counts: dict[str, int]
-    workers: list[Worker]
+    workers: list[WorkerSnapshot]
     avg_duration_s: float | None
     avg_wait_s: float | None
 
@@ -637,7 +645,7 @@ def stats(store: Store) -> Stats:
 
 # -- records ------------------------------------------------------------------------------
 
-def task_record(task: Task, *, include_prompt: bool = True) -> dict[str, Any]:
+def task_record(task: TaskSnapshot, *, include_prompt: bool = True) -> dict[str, Any]:
     """A task as plain JSON-ready data (timestamps as ISO 8601 UTC with a ``Z``)."""
     duration = None
     if task.started_at and task.finished_at:
@@ -667,7 +675,7 @@ def task_record(task: Task, *, include_prompt: bool = True) -> dict[str, Any]:
     return record
 
 
-def worker_record(worker: Worker) -> dict[str, Any]:
+def worker_record(worker: WorkerSnapshot) -> dict[str, Any]:
     done = worker.tasks_completed + worker.tasks_failed
     return {
         "worker_id": worker.worker_id,
@@ -687,8 +695,8 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="milliseconds") + "Z"
 
 
-def _task(row: Any) -> Task:
-    return Task(**row._mapping)
+def _task(row: Any) -> TaskSnapshot:
+    return TaskSnapshot(**row._mapping)
 
 
 def _ready(now: datetime) -> ColumnElement[bool]:
@@ -710,11 +718,11 @@ def _short(value: Any) -> str:
 
 # -- supervisor support -------------------------------------------------------------------
 
-def get_worker(store: Store, worker_id: str) -> Worker | None:
+def get_worker(store: Store, worker_id: str) -> WorkerSnapshot | None:
     """The ``workers`` row of ``worker_id`` (any status), or None when it never registered."""
     with store.read() as conn:
         row = conn.execute(select(W).where(W.c.worker_id == worker_id)).first()
-    return None if row is None else Worker(**row._mapping)
+    return None if row is None else WorkerSnapshot(**row._mapping)
 
 
 def mark_silent_workers_offline(store: Store, now: datetime, silent_s: float,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from itertools import groupby
 
-from koubou_mcp.models import TaskStatus, Worker
+from koubou_mcp.models import TaskStatus, WorkerSnapshot
 from koubou_mcp.queue import Stats
 
 RULE = "=" * 50
 
 
-def _worker_line(w: Worker) -> str:
+def _worker_line(w: WorkerSnapshot) -> str:
     done = w.tasks_completed + w.tasks_failed
     rate = f"{100.0 * w.tasks_completed / done:.1f}% success" if done else "no tasks yet"
     return (f"  • {w.worker_id}: {w.status} | Tasks: {w.tasks_completed} completed, "

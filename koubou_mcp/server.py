@@ -40,7 +40,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from koubou_mcp import __version__, health, queue
 from koubou_mcp.config import PRIORITY_MAX, PRIORITY_MIN, ConfigError, Settings
-from koubou_mcp.models import FINAL_STATUSES, Task, TaskStatus, utcnow
+from koubou_mcp.models import FINAL_STATUSES, TaskSnapshot, TaskStatus, utcnow
 from koubou_mcp.store import Store, StoreError, open_store
 
 log = logging.getLogger("koubou_mcp.server")
@@ -315,7 +315,7 @@ def _short(value: Any, limit: int = 60) -> str:
 
 # -- rendering ----------------------------------------------------------------------------
 
-def _next_step(task: Task) -> str:
+def _next_step(task: TaskSnapshot) -> str:
     if task.status == TaskStatus.COMPLETED.value:
         return "done: the result is in `result`"
     if task.status == TaskStatus.FAILED.value:
@@ -379,7 +379,7 @@ ProgressFn = Callable[[queue.Progress, float], Awaitable[None]]
 async def wait_for_task(store: Store, task_id: str, wait_s: float,
                         on_progress: ProgressFn | None = None, *,
                         poll_s: float = SYNC_POLL_S,
-                        progress_every_s: float = PROGRESS_EVERY_S) -> tuple[Task, float]:
+                        progress_every_s: float = PROGRESS_EVERY_S) -> tuple[TaskSnapshot, float]:
     """Watch a task until it ends or ``wait_s`` passes; return it and the time waited.
 
     Calls ``on_progress(task, elapsed)`` about every ``progress_every_s`` while waiting.
@@ -569,7 +569,7 @@ def build_server(settings: Settings, *, pool: bool = True) -> KoubouServer:
         them."""
         store = state.require_store()
 
-        def read() -> tuple[list[Task], dict[str, int]]:
+        def read() -> tuple[list[TaskSnapshot], dict[str, int]]:
             return queue.list_tasks(store, status, limit), queue.counts_by_status(store)
 
         tasks, counts = await in_thread(read)
@@ -625,7 +625,7 @@ def build_server(settings: Settings, *, pool: bool = True) -> KoubouServer:
     return server
 
 
-def task_summary(task: Task) -> TaskSummary:
+def task_summary(task: TaskSnapshot) -> TaskSummary:
     record = queue.task_record(task, include_prompt=False)
     preview = " ".join(task.prompt.split())
     return TaskSummary(

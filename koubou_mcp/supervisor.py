@@ -55,7 +55,7 @@ from typing import Any, Protocol, TextIO
 
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
-from koubou_mcp.models import Worker, WorkerStatus, utcnow
+from koubou_mcp.models import WorkerSnapshot, WorkerStatus, utcnow
 from koubou_mcp.report import stats_block
 from koubou_mcp.scaling import Decision, IdleWorker, Limits, Snapshot, crash_backoff_s, decide
 from koubou_mcp.store import Store, open_store
@@ -468,7 +468,7 @@ class Supervisor:
         self._publish_health(now, decision)
         return decision
 
-    def snapshot(self, rows: Mapping[str, Worker], now: datetime) -> Snapshot:
+    def snapshot(self, rows: Mapping[str, WorkerSnapshot], now: datetime) -> Snapshot:
         """Our running workers by state (from their rows) and the ready tasks, for the policy.
 
         Retiring, stopping and killed workers are on their way out: they are not capacity.
@@ -490,7 +490,7 @@ class Supervisor:
         ready = queue.ready_pending_count(self.store, now)
         return Snapshot(ready_pending=ready, busy=busy, starting=starting, idle=tuple(idle))
 
-    def _observe(self, rows: Mapping[str, Worker]) -> None:
+    def _observe(self, rows: Mapping[str, WorkerSnapshot]) -> None:
         for m in self.workers.values():
             row = rows.get(m.worker_id)
             if row is None:

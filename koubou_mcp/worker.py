@@ -31,7 +31,7 @@ from koubou_mcp.backends.base import Backend, BackendError, BackendRequest
 from koubou_mcp.backends.codex import CodexBackend
 from koubou_mcp.backends.ollama import OllamaBackend
 from koubou_mcp.config import Settings
-from koubou_mcp.models import Task, WorkerStatus, utcnow
+from koubou_mcp.models import TaskSnapshot, WorkerStatus, utcnow
 from koubou_mcp.store import Store
 
 log = logging.getLogger("koubou_mcp.worker")
@@ -76,7 +76,7 @@ class StopState:
 class _Run:
     """The task being worked on and how to interrupt it."""
 
-    task: Task
+    task: TaskSnapshot
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     interrupt: Interrupt | None = None
 
@@ -188,7 +188,7 @@ class Worker:
             await anyio.to_thread.run_sync(self._listener.wait, wait_s)
 
     # -- one task ------------------------------------------------------------------------
-    async def _run_task(self, task: Task) -> None:
+    async def _run_task(self, task: TaskSnapshot) -> None:
         run = _Run(task)
         self.current = run
         started = anyio.current_time()
@@ -218,7 +218,7 @@ class Worker:
             await self._record(run, result, error, elapsed)
         self.tasks_done += 1
 
-    def _backend_for(self, task: Task) -> Backend:
+    def _backend_for(self, task: TaskSnapshot) -> Backend:
         try:
             return self.backends[task.type]
         except KeyError:

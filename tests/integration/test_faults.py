@@ -87,7 +87,7 @@ def procs() -> Iterator[Processes]:
         yield p
 
 
-def ended(store: Store, task_id: str) -> queue.Task | None:
+def ended(store: Store, task_id: str) -> queue.TaskSnapshot | None:
     task = queue.get_task(store, task_id)
     return task if task.status in ("completed", "failed", "cancelled") else None
 

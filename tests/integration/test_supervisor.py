@@ -33,7 +33,7 @@ from tests.procs import FAKE_CODEX
 from tests.waiting import pid_alive, wait_until
 
 
-def submit(store: Store, settings: Settings, n: int = 1, **fields: object) -> list[queue.Task]:
+def submit(store: Store, settings: Settings, n: int = 1, **fields: object) -> list[queue.TaskSnapshot]:
     return [queue.enqueue(store, queue.validate_request(settings, f"task {i}", **fields),
                           settings, utcnow()).task for i in range(n)]
 
@@ -47,9 +47,9 @@ def tick_until(supervisor: Supervisor, predicate: Callable[[], object], timeout:
     wait_until(step, timeout=timeout, interval=0.05, message=message)
 
 
-def task_in(store: Store, task_id: str, status: str) -> Callable[[], queue.Task | None]:
+def task_in(store: Store, task_id: str, status: str) -> Callable[[], queue.TaskSnapshot | None]:
     """A predicate for wait_until: the task once it is in ``status``, else None."""
-    def check() -> queue.Task | None:
+    def check() -> queue.TaskSnapshot | None:
         task = queue.get_task(store, task_id)
         return task if task.status == status else None
     return check

@@ -52,11 +52,11 @@ def submit(store: Store, settings: Settings, prompt: str, **fields: object) -> s
     return queue.enqueue(store, request, settings, utcnow()).task.task_id
 
 
-def status(store: Store, task_id: str) -> queue.Task:
+def status(store: Store, task_id: str) -> queue.TaskSnapshot:
     return queue.get_task(store, task_id)
 
 
-def ended(store: Store, task_id: str) -> queue.Task | None:
+def ended(store: Store, task_id: str) -> queue.TaskSnapshot | None:
     task = queue.get_task(store, task_id)
     return task if task.status in ("completed", "failed", "cancelled") else None
 

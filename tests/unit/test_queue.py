@@ -26,7 +26,7 @@ def at(seconds: float) -> datetime:
 
 
 def submit(store: Store, settings: Settings, prompt: str = "hello", now: datetime = T0,
-           **fields: Any) -> queue.Task:
+           **fields: Any) -> queue.TaskSnapshot:
     request = queue.validate_request(settings, prompt, **fields)
     return queue.enqueue(store, request, settings, now).task
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from koubou_mcp.models import Worker
+from koubou_mcp.models import WorkerSnapshot
 from koubou_mcp.queue import Stats
 from koubou_mcp.report import stats_block
 
@@ -12,9 +12,11 @@ T0 = datetime(2026, 11, 28, 12, 0, 0)
 COUNTS = {"pending": 8, "in_progress": 3, "completed": 45, "failed": 2, "cancelled": 0}
 
 
-def worker(worker_id: str, status: str, done: int, failed: int, host: str = "a") -> Worker:
-    return Worker(worker_id=worker_id, status=status, tasks_completed=done, tasks_failed=failed,
-                  host=host, last_heartbeat=T0, created_at=T0)
+def worker(worker_id: str, status: str, done: int, failed: int,
+           host: str = "a") -> WorkerSnapshot:
+    return WorkerSnapshot(worker_id=worker_id, status=status, current_task=None,
+                          tasks_completed=done, tasks_failed=failed, host=host, pid=1,
+                          last_heartbeat=T0, idle_since=None, created_at=T0, stopped_at=None)
 
 
 def test_the_block_reads_like_the_seeds() -> None:

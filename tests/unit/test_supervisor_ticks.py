@@ -106,7 +106,7 @@ def become_ready(store: Store, process: FakeProcess, now: datetime) -> None:
 
 
 def submit(store: Store, settings: Settings, n: int = 1, now: datetime = T0,
-           **fields: object) -> list[queue.Task]:
+           **fields: object) -> list[queue.TaskSnapshot]:
     return [queue.enqueue(store, queue.validate_request(settings, f"task {i}", **fields),
                           settings, now).task for i in range(n)]
 
