@@ -50,17 +50,14 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
-from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from koubou_mcp import __version__, queue
 from koubou_mcp.config import Settings
-from koubou_mcp.models import FINAL_STATUSES, Task, TaskStatus, WorkerStatus, utcnow
+from koubou_mcp.models import TaskStatus, WorkerStatus, utcnow
 from koubou_mcp.store import Store
 
 log = logging.getLogger("koubou_mcp.metrics")
-
-T = Task.__table__  # type: ignore[attr-defined]
 
 #: Upper bounds of the run-time buckets, s: local models take seconds to minutes
 DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -74,43 +71,6 @@ LATE_MARGIN_S = 120.0
 #: Worker states shown even when no worker is in them (so the series do not come and go)
 WORKER_STATES = (WorkerStatus.STARTING.value, WorkerStatus.IDLE.value, WorkerStatus.BUSY.value,
                  WorkerStatus.STOPPING.value)
-
-
-# -- reading the store ----------------------------------------------------------------------
-# Read-only queries that only the metrics need; candidates for queue.py.
-
-@dataclass(frozen=True)
-class FinishedTask:
-    """The columns of a finished task that the histograms need."""
-
-    task_id: str
-    type: str
-    status: str
-    error_kind: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime
-
-
-def finished_since(store: Store, since: datetime | None) -> list[FinishedTask]:
-    """Tasks in a final status that finished at or after ``since`` (all when None)."""
-    query = (select(T.c.task_id, T.c.type, T.c.status, T.c.error_kind, T.c.created_at,
-                    T.c.started_at, T.c.finished_at)
-             .where(T.c.status.in_([s.value for s in FINAL_STATUSES]),
-                    T.c.finished_at.is_not(None)))
-    if since is not None:
-        query = query.where(T.c.finished_at >= since)
-    with store.read() as conn:
-        return [FinishedTask(*row) for row in conn.execute(query)]
-
-
-def retrying_by_kind(store: Store) -> dict[str, int]:
-    """Pending tasks whose last attempt failed (they wait out a backoff), by error kind."""
-    query = (select(T.c.error_kind, func.count())
-             .where(T.c.status == TaskStatus.PENDING.value, T.c.error_kind.is_not(None))
-             .group_by(T.c.error_kind))
-    with store.read() as conn:
-        return {str(kind): int(count) for kind, count in conn.execute(query)}
 
 
 # -- running totals -------------------------------------------------------------------------
@@ -162,7 +122,7 @@ class FinishedTally:
         """Where the next read starts (None: from the beginning)."""
         return None if self._newest is None else self._newest - self.margin
 
-    def add(self, tasks: Iterable[FinishedTask]) -> int:
+    def add(self, tasks: Iterable[queue.FinishedTask]) -> int:
         """Count the tasks not counted yet; return how many were new."""
         added = 0
         for task in tasks:
@@ -178,7 +138,7 @@ class FinishedTally:
             self._seen = {k: at for k, at in self._seen.items() if at >= horizon}
         return added
 
-    def _observe(self, task: FinishedTask) -> None:
+    def _observe(self, task: queue.FinishedTask) -> None:
         if task.started_at is not None:  # it ran (a task cancelled while pending did not)
             run_s = max(0.0, (task.finished_at - task.started_at).total_seconds())
             self.durations.setdefault((task.type, task.status),
@@ -225,8 +185,8 @@ class StoreCollector:
             counts = queue.counts_by_status(store)
             ready = queue.ready_pending_count(store, now)
             workers = queue.list_workers(store)
-            retrying = retrying_by_kind(store)
-            self._tally.add(finished_since(store, self._tally.since))
+            retrying = queue.retrying_by_kind(store)
+            self._tally.add(queue.finished_since(store, self._tally.since))
         except (SQLAlchemyError, LookupError) as exc:
             log.warning("metrics: cannot read the store: %s", str(exc).splitlines()[0])
             up.add_metric([], 0)
@@ -325,5 +285,4 @@ def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]
     return encoder(registry), content_type
 
 
-__all__ = ["StoreCollector", "FinishedTally", "Histogram", "build_registry", "render",
-           "finished_since", "retrying_by_kind"]
+__all__ = ["StoreCollector", "FinishedTally", "Histogram", "build_registry", "render"]

@@ -53,6 +53,8 @@ class Task(SQLModel, table=True):
     __table_args__ = (
         Index("ix_task_master_worker", "worker_id", "status"),
         Index("ix_task_master_idempotency", "idempotency_key"),
+        # the metrics read the tasks finished since their last scrape
+        Index("ix_task_master_finished", "finished_at"),
     )
 
     task_id: str = Field(primary_key=True, max_length=64)

@@ -643,6 +643,41 @@ def stats(store: Store) -> Stats:
                  sum(waits) / len(waits) if waits else None)
 
 
+# -- metrics support ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FinishedTask:
+    """The columns of a finished task that the metrics' histograms need."""
+
+    task_id: str
+    type: str
+    status: str
+    error_kind: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime
+
+
+def finished_since(store: Store, since: datetime | None) -> list[FinishedTask]:
+    """Tasks in a final status that finished at or after ``since`` (all when None)."""
+    query = (select(T.c.task_id, T.c.type, T.c.status, T.c.error_kind, T.c.created_at,
+                    T.c.started_at, T.c.finished_at)
+             .where(T.c.status.in_(_final()), T.c.finished_at.is_not(None)))
+    if since is not None:
+        query = query.where(T.c.finished_at >= since)
+    with store.read() as conn:
+        return [FinishedTask(*row) for row in conn.execute(query)]
+
+
+def retrying_by_kind(store: Store) -> dict[str, int]:
+    """Pending tasks whose last attempt failed (they wait out a backoff), by error kind."""
+    query = (select(T.c.error_kind, func.count())
+             .where(T.c.status == TaskStatus.PENDING.value, T.c.error_kind.is_not(None))
+             .group_by(T.c.error_kind))
+    with store.read() as conn:
+        return {str(kind): int(count) for kind, count in conn.execute(query)}
+
+
 # -- records ------------------------------------------------------------------------------
 
 def task_record(task: TaskSnapshot, *, include_prompt: bool = True) -> dict[str, Any]:

@@ -13,14 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
-from koubou_mcp.metrics import (
-    FinishedTally,
-    FinishedTask,
-    Histogram,
-    StoreCollector,
-    build_registry,
-)
+from koubou_mcp.metrics import FinishedTally, Histogram, StoreCollector, build_registry
 from koubou_mcp.models import WorkerStatus
+from koubou_mcp.queue import FinishedTask
 from koubou_mcp.store import Store
 from koubou_mcp.supervisor import Supervisor, Tuning
 from tests.unit.test_supervisor_ticks import FakeLauncher, become_ready
