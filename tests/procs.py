@@ -86,3 +86,47 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
 
 def wait_dead(pid: int, timeout: float = 10) -> None:
     wait_until(lambda: not pid_alive(pid), timeout=timeout, message=f"pid {pid} to be gone")
+
+
+# -- finding worker processes by their home, in /proc --------------------------------------
+
+def _worker_env_home(pid: int) -> str | None:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    for item in raw.split(b"\0"):
+        if item.startswith(b"KOUBOU_HOME="):
+            return item.split(b"=", 1)[1].decode(errors="replace")
+    return None
+
+
+def worker_processes(home: Path) -> list[int]:
+    """Pids of live ``koubou_mcp worker`` processes whose KOUBOU_HOME is ``home``, found in
+    /proc (so also those that never got to register a row)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"koubou_mcp" in argv and b"worker" in argv:
+            pid = int(entry.name)
+            if pid_alive(pid) and _worker_env_home(pid) == str(home):
+                pids.append(pid)
+    return pids
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def kill_workers(home: Path) -> None:
+    for pid in worker_processes(home):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)

@@ -24,6 +24,7 @@ from mcp import StdioServerParameters
 from koubou_mcp.config import Settings
 from tests.fakes.ollama_server import FakeOllama
 from tests.procs import FAKE_CODEX, child_env
+from tests.procs import worker_processes as worker_pids
 from tests.waiting import pid_alive
 
 
@@ -59,23 +60,6 @@ def server_env(settings: Settings) -> dict[str, str]:
 def server_params(settings: Settings, *args: str) -> StdioServerParameters:
     return StdioServerParameters(command=koubou_command(), args=list(args),
                                  env=server_env(settings), cwd=str(settings.workdir))
-
-
-def worker_pids(home: Path) -> list[int]:
-    """Live ``koubou_mcp worker`` processes whose KOUBOU_HOME is ``home`` (from /proc)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"koubou_mcp" in argv and b"worker" in argv and \
-                f"KOUBOU_HOME={home}".encode() in environ and pid_alive(int(entry.name)):
-            pids.append(int(entry.name))
-    return pids
 
 
 class Leftovers:
