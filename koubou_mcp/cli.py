@@ -27,6 +27,7 @@ from koubou_mcp.config import (
     TRANSPORTS,
     ConfigError,
     Settings,
+    make_private_dir,
 )
 from koubou_mcp.models import FINAL_STATUSES, TaskStatus, utcnow
 from koubou_mcp.store import Store, StoreError, open_store
@@ -217,7 +218,7 @@ def setup_logging(settings: Settings, logfile: Path | None, *, stderr_level: int
     err.setFormatter(fmt)
     root.addHandler(err)
     if logfile is not None:
-        logfile.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(logfile.parent)
         fd = os.open(logfile, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
         os.close(fd)
         fh = logging.FileHandler(logfile, encoding="utf-8")

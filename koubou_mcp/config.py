@@ -25,6 +25,24 @@ MIN_HTTP_TOKEN_CHARS = 16
 PRIORITY_MIN, PRIORITY_MAX = 1, 10
 
 
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` and any missing parent with mode 0700: what lives under KOUBOU_HOME
+    (prompts, results, logs) is the user's alone. ``mkdir -p`` would give parents the umask's
+    mode instead. Existing directories are left as they are."""
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # another process made it meanwhile
+
+
 class ConfigError(ValueError):
     """A setting has a value we cannot use. The message names the setting and what is accepted."""
 

@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlmodel import SQLModel
 
+from koubou_mcp.config import make_private_dir
 from koubou_mcp.models import SCHEMA_VERSION, Meta
 from koubou_mcp.wakeup import FifoWakeup, PostgresWakeup, Wakeup
 
@@ -150,7 +151,7 @@ def _sqlite_engine(path: str, *, create: bool) -> Engine:
     db = Path(path)
     if create:
         try:
-            db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dir(db.parent)
         except OSError as exc:
             raise StoreError(
                 f"cannot create the database directory {db.parent}: {exc.strerror}. "

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from koubou_mcp import queue
-from koubou_mcp.config import Settings
+from koubou_mcp.config import Settings, make_private_dir
 from koubou_mcp.models import WorkerSnapshot, WorkerStatus, utcnow
 from koubou_mcp.report import stats_block
 from koubou_mcp.scaling import Decision, IdleWorker, Limits, Snapshot, crash_backoff_s, decide
@@ -184,7 +184,7 @@ class ProcessLauncher:
 
     def __call__(self, worker_id: str) -> PopenWorker:
         path = self.log_path(worker_id)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             popen = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
@@ -252,7 +252,7 @@ class LeaderLock:
         """Take the lock without waiting; True when this object now holds it."""
         if self._fd is not None:
             return True
-        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(self.run_dir)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -843,7 +843,7 @@ class Supervisor:
                     Path(handler.baseFilename).absolute() == path:
                 return  # `koubou-mcp pool` logs there already
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dir(path.parent)
             os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
             handler = logging.FileHandler(path, encoding="utf-8")
         except OSError as exc:

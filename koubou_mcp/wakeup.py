@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 from sqlalchemy import Engine, text
 
+from koubou_mcp.config import make_private_dir
+
 
 class Listener(Protocol):
     def wait(self, timeout_s: float) -> bool:
@@ -109,7 +111,7 @@ class FifoWakeup:
                 os.close(fd)
 
     def listen(self, name: str) -> FifoListener:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(self.directory)
         path = self.directory / f"{name}.fifo"
         if path.exists() and not stat.S_ISFIFO(path.stat().st_mode):
             raise RuntimeError(f"{path} exists and is not a pipe")

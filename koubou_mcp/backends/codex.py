@@ -16,6 +16,7 @@ import signal
 import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
+from pathlib import Path
 from subprocess import DEVNULL, PIPE
 from typing import Any
 
@@ -30,6 +31,7 @@ from koubou_mcp.backends.base import (
     TransientBackendError,
     bound_result,
 )
+from koubou_mcp.config import make_private_dir
 
 #: How much of stderr goes into a ``codex_exit`` error message.
 STDERR_EXCERPT_CHARS = 2000
@@ -312,7 +314,7 @@ def _record_group(groups_dir: str | None, pgid: int) -> str | None:
     if groups_dir is None:
         return None
     try:
-        os.makedirs(groups_dir, mode=0o700, exist_ok=True)
+        make_private_dir(Path(groups_dir))
         marker = os.path.join(groups_dir, str(pgid))
         os.close(os.open(marker, os.O_CREAT | os.O_WRONLY, 0o600))
     except OSError:

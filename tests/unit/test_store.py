@@ -146,3 +146,11 @@ def test_a_version_1_store_is_migrated_to_the_claim_ordered_index(settings: Sett
                       "ORDER BY priority DESC, created_at, task_id LIMIT 1").fetchall()
     assert "ix_task_master_ready" in str(plan) and "TEMP B-TREE" not in str(plan)
     db.close()
+
+
+def test_a_home_created_by_the_store_is_private_at_every_level(tmp_path: Path) -> None:
+    settings = Settings.from_env({}, home=str(tmp_path / "project" / ".koubou"))
+    (tmp_path / "project").mkdir()
+    open_store(settings.database_url, settings.run_dir).close()
+    for directory in (settings.home, settings.home / "db"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
