@@ -678,15 +678,23 @@ def run_server(settings: Settings, *, pool: bool = True, transport: str = "stdio
 HTTP_DRAIN_S = 3.0
 
 
+def _http_api() -> Any:
+    """The HTTP modules, or a ConfigError saying which extra to install."""
+    try:
+        import uvicorn  # noqa: F401
+
+        from koubou_mcp import http_api
+    except ImportError as exc:  # prometheus_client and uvicorn are in the `http` extra
+        raise ConfigError(f"the HTTP transport needs {exc.name}, which is not installed: "
+                          "pip install 'koubou-mcp[http]'") from None
+    return http_api
+
+
 def build_http_app(settings: Settings, *, pool: bool = True) -> Any:
     """One ASGI application for the HTTP transport: MCP at ``/mcp`` and the REST API and
     ``/metrics`` (``http_api``) beside it, on one Starlette app whose lifespan is the MCP
     server's, all behind ``http_api.Guard`` (token or loopback checks, body size limit)."""
-    try:
-        from koubou_mcp import http_api
-    except ImportError as exc:  # prometheus_client is in the `http` extra
-        raise ConfigError(f"the HTTP transport needs {exc.name}: pip install "
-                          "'koubou-mcp[http]'") from None
+    http_api = _http_api()
     from mcp.server.transport_security import TransportSecuritySettings
     from starlette.exceptions import HTTPException
 
@@ -712,9 +720,8 @@ def serve_http(settings: Settings, *, pool: bool, host: str, port: int) -> None:
     Refuses (ConfigError) to bind a non-loopback address without ``KOUBOU_HTTP_TOKEN``, and
     binds before anything starts, so a port in use is reported before a pool is spawned.
     """
+    http_api = _http_api()
     import uvicorn
-
-    from koubou_mcp import http_api
 
     http_api.check_bind(host, settings.http_token)
     app = build_http_app(settings, pool=pool)
