@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -203,6 +204,16 @@ def _store(settings: Settings, *, create: bool = True) -> Store:
     return open_store(settings.database_url, settings.run_dir, create=create)
 
 
+@contextmanager
+def _opened(settings: Settings, *, create: bool = True) -> Iterator[Store]:
+    """The store for a command, closed when the command ends."""
+    store = _store(settings, create=create)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
 def setup_logging(settings: Settings, logfile: Path | None, *, stderr_level: int) -> None:
     """Log to ``logfile`` (if any) at the configured level and to stderr at ``stderr_level``.
 
@@ -269,8 +280,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                                          args.timeout, args.idempotency_key)
     except queue.InvalidTask as exc:
         raise UsageError(str(exc)) from None
-    store = _store(settings)
-    try:
+    with _opened(settings) as store:
         enqueued = queue.enqueue(store, request, settings, utcnow())
         task = enqueued.task
         if args.wait:
@@ -290,14 +300,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.wait and task.status != TaskStatus.COMPLETED.value:
             return EXIT_FAILED
         return EXIT_OK
-    finally:
-        store.close()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    store = _store(settings, create=False)
-    try:
+    with _opened(settings, create=False) as store:
         try:
             task = queue.get_task(store, args.task_id)
         except queue.TaskNotFound as exc:
@@ -305,16 +312,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         record = queue.task_record(task)
         _print_json(record) if args.json else print(_describe_task(record))
         return EXIT_OK
-    finally:
-        store.close()
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not 1 <= args.limit <= 1000:
         raise UsageError(f"--limit must be from 1 to 1000, got {args.limit}")
-    store = _store(settings, create=False)
-    try:
+    with _opened(settings, create=False) as store:
         tasks = queue.list_tasks(store, args.status, args.limit)
         counts = queue.counts_by_status(store)
         if args.json:
@@ -326,14 +330,11 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             print(f"{t.task_id}  {t.status:<11}  {t.type:<7}  p{t.priority:<2}  {preview}")
         print("  ".join(f"{k}: {v}" for k, v in counts.items()))
         return EXIT_OK
-    finally:
-        store.close()
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    store = _store(settings, create=False)
-    try:
+    with _opened(settings, create=False) as store:
         try:
             task = queue.cancel(store, args.task_id, utcnow())
         except (queue.TaskNotFound, queue.TaskStateError) as exc:
@@ -346,21 +347,16 @@ def cmd_cancel(args: argparse.Namespace) -> int:
                      else "cancel requested; its worker stops it within about a second")
             print(f"{task.task_id}: {state}")
         return EXIT_OK
-    finally:
-        store.close()
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from koubou_mcp.report import stats_block
 
     settings = _settings(args)
-    store = _store(settings, create=False)
-    try:
+    with _opened(settings, create=False) as store:
         stats = queue.stats(store)
         _print_json(stats.as_dict()) if args.json else print(stats_block(stats))
         return EXIT_OK
-    finally:
-        store.close()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -376,12 +372,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # Started by a supervisor, stderr already is this worker's log file.
     logfile = None if supervisor_pid else settings.worker_logs_dir / f"{worker_id}.log"
     setup_logging(settings, logfile, stderr_level=logging.INFO)
-    store = _store(settings)
-    try:
+    with _opened(settings) as store:
         run_worker(settings, store, worker_id, supervisor_pid=supervisor_pid,
                    max_tasks=args.max_tasks)
-    finally:
-        store.close()
     return EXIT_OK
 
 
