@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from koubou_mcp.config import Settings
+from tests.procs import child_env  # the one definition, shared with the tests
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -233,16 +234,6 @@ class Children:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(grace_s=5.0)
-
-
-def child_env(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a child that must see ``settings`` and nothing else of ours."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KOUBOU_", "FAKE_CODEX"))}
-    env.update(settings.to_env())
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    if extra:
-        env.update(extra)
-    return env
 
 
 def plain_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

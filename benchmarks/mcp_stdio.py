@@ -47,6 +47,7 @@ from benchmarks.common import (
     wait_for,
 )
 from koubou_mcp.config import Settings
+from tests.procs import worker_processes
 
 NAME = "mcp_stdio"
 TITLE = "MCP over stdio: cold start and tool-call round trip"
@@ -78,21 +79,6 @@ HANDSHAKE = (
 )
 
 
-def _worker_pids(home: Path) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"worker" in argv and f"KOUBOU_HOME={home}".encode() in environ:
-            pids.append(int(entry.name))
-    return pids
-
-
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -103,9 +89,9 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 def _reap_workers(home: Path) -> None:
     """Workers leave by themselves once the server is gone; make sure of it."""
     try:
-        wait_for(lambda: not _worker_pids(home), 10.0, "the workers to exit")
+        wait_for(lambda: not worker_processes(home), 10.0, "the workers to exit")
     except TimeoutError:
-        for pid in _worker_pids(home):
+        for pid in worker_processes(home):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
 

@@ -103,16 +103,25 @@ def test_a_task_of_a_sigkilled_worker_is_completed_by_another(
     assert done.attempts == 2
 
 
-def test_sigterm_lets_the_running_task_finish_then_the_worker_exits(
-    store: Store, wsettings: Settings, procs: Processes, ollama: FakeOllama
-) -> None:
+def start_draining(store: Store, settings: Settings, procs: Processes, ollama: FakeOllama,
+                   worker_id: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A worker whose task hangs in the model, sent one SIGTERM: it is draining when this
+    returns. Gives the worker and its task's id."""
     ollama.configure(mode="hang")
-    worker = procs.worker(wsettings, "drainer")
-    task_id = submit(store, wsettings, "finish me")
+    worker = procs.worker(settings, worker_id)
+    task_id = submit(store, settings, f"task of {worker_id}")
     wait_until(lambda: ollama.stats()["in_flight"] >= 1, message="the model call to start")
     worker.send_signal(signal.SIGTERM)
     wait_until(lambda: "finishing the current task" in
-               (wsettings.worker_logs_dir / "drainer.log").read_text(), message="drain to start")
+               (settings.worker_logs_dir / f"{worker_id}.log").read_text(),
+               message="the drain to start")
+    return worker, task_id
+
+
+def test_sigterm_lets_the_running_task_finish_then_the_worker_exits(
+    store: Store, wsettings: Settings, procs: Processes, ollama: FakeOllama
+) -> None:
+    worker, task_id = start_draining(store, wsettings, procs, ollama, "drainer")
     assert worker.poll() is None, "the worker must not exit before its task is done"
     ollama.release()
     assert wait_exit(worker) == 0
@@ -124,13 +133,7 @@ def test_sigterm_lets_the_running_task_finish_then_the_worker_exits(
 def test_a_second_sigterm_gives_the_task_back_and_exits(
     store: Store, wsettings: Settings, procs: Processes, ollama: FakeOllama
 ) -> None:
-    ollama.configure(mode="hang")
-    worker = procs.worker(wsettings, "quitter")
-    task_id = submit(store, wsettings, "give me back")
-    wait_until(lambda: ollama.stats()["in_flight"] >= 1, message="the model call to start")
-    worker.send_signal(signal.SIGTERM)
-    wait_until(lambda: "finishing the current task" in
-               (wsettings.worker_logs_dir / "quitter.log").read_text(), message="drain to start")
+    worker, task_id = start_draining(store, wsettings, procs, ollama, "quitter")
     worker.send_signal(signal.SIGTERM)
     assert wait_exit(worker) == 0
     back = status(store, task_id)
