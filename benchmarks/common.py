@@ -14,15 +14,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from koubou_mcp.config import Settings
-from tests.procs import child_env  # the one definition, shared with the tests
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
+from tests.support.env import child_env
+from tests.support.paths import REPO_ROOT
+from tests.support.waiting import wait_until
 
 # -- statistics ---------------------------------------------------------------------------
 
@@ -112,20 +111,7 @@ def skipped(name: str, title: str, reason: str) -> dict[str, Any]:
     return make_result(name, title, "", [], [], notes=[reason], skipped=reason)
 
 
-# -- waiting ------------------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], T | None], timeout_s: float, what: str,
-             interval_s: float = 0.01) -> T:
-    """Call ``predicate`` until it returns something truthy; TimeoutError at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}")
-        time.sleep(interval_s)
+# -- scratch space and settings -----------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -234,13 +220,6 @@ class Children:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(grace_s=5.0)
-
-
-def plain_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KOUBOU_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env.update(extra or {})
-    return env
 
 
 # -- /proc --------------------------------------------------------------------------------
@@ -444,5 +423,6 @@ def start_workers(children: Children, store: Any, settings: Settings, worker_ids
         idle = {w.worker_id for w in queue.list_workers(store) if w.status == "idle"}
         return set(worker_ids) <= idle
 
-    wait_for(ready, timeout_s, f"{len(worker_ids)} worker(s) to be idle", 0.05)
+    wait_until(ready, timeout=timeout_s, message=f"{len(worker_ids)} worker(s) to be idle",
+               interval=0.05)
     return procs

@@ -22,14 +22,14 @@ from benchmarks.common import (
     make_result,
     median,
     memory_kib,
-    plain_env,
     scratch_dir,
     spread,
     start_workers,
     target,
-    wait_for,
 )
 from koubou_mcp.store import open_store
+from tests.support.env import plain_env
+from tests.support.waiting import wait_until
 
 NAME = "cost"
 TITLE = "Cost of an idle pool: memory and CPU per worker process"
@@ -63,9 +63,9 @@ def run(quick: bool) -> dict[str, Any]:
             [sys.executable, "-m", "huey.bin.huey_consumer", "benchmarks._huey_app.huey",
              "-w", str(workers), "-k", "process"],
             plain_env({"KOUBOU_BENCH_HUEY_DB": str(tmp / "huey.db")}), "huey").pid
-        huey = wait_for(lambda: (lambda kids: [consumer, *kids]
-                                 if len(kids) >= workers else None)(children_of(consumer)),
-                        30, "the huey consumer's worker processes", 0.05)
+        huey = wait_until(lambda: (lambda kids: [consumer, *kids]
+                                   if len(kids) >= workers else None)(children_of(consumer)),
+                          timeout=30, message="the huey consumer's worker processes", interval=0.05)
         time.sleep(0.5 if quick else 3.0)  # past start-up: first heartbeats, imports settled
         groups = {"ours": ours, "bare": [bare], "huey": huey}
         memory = {name: [memory_kib(p) for p in pids] for name, pids in groups.items()}

@@ -41,12 +41,13 @@ from benchmarks.common import (
     spread,
     start_workers,
     target,
-    wait_for,
 )
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
-from koubou_mcp.models import Task, utcnow
+from koubou_mcp.models import utcnow
 from koubou_mcp.store import Store, open_store
+from tests.support.tasks import ended
+from tests.support.waiting import wait_until
 
 NAME = "dispatch"
 TITLE = "Dispatch latency: submit to in_progress with an idle worker (SQLite)"
@@ -87,11 +88,6 @@ class Arrivals:
             return self.times[prompt]
 
 
-def _ended(store: Store, task_id: str) -> Task | None:
-    task = queue.get_task(store, task_id)
-    return task if task.status in ("completed", "failed", "cancelled") else None
-
-
 Gaps = Callable[[int], float]
 
 
@@ -126,8 +122,8 @@ def measure(store: Store, settings: Settings, arrivals: Arrivals, label: str, co
         submitted = now.replace(tzinfo=UTC).timestamp()
         task_id = queue.enqueue(store, request, settings, now).task.task_id
         arrived = arrivals.wait(prompt, wait_s)
-        done = wait_for(lambda tid=task_id: _ended(store, tid), wait_s,  # type: ignore[misc]
-                        f"{task_id} to end", interval_s=0.001)
+        done = wait_until(lambda tid=task_id: ended(store, tid), timeout=wait_s,  # type: ignore[misc]
+                          message=f"{task_id} to end", interval=0.001)
         if done.status != "completed" or done.started_at is None:
             raise RuntimeError(f"{task_id} ended {done.status}: {done.error}")
         claim.append((done.started_at - done.created_at).total_seconds())

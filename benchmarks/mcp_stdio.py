@@ -21,7 +21,6 @@ import contextlib
 import functools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +35,6 @@ from mcp import Client, StdioServerParameters
 from benchmarks._fake_ollama import as_process
 from benchmarks.common import (
     bench_settings,
-    child_env,
     latency_summary,
     make_result,
     median,
@@ -44,10 +42,13 @@ from benchmarks.common import (
     scratch_dir,
     spread,
     target,
-    wait_for,
 )
 from koubou_mcp.config import Settings
-from tests.procs import worker_processes
+from tests.support.env import child_env
+from tests.support.jsonrpc import rpc_line
+from tests.support.processes import koubou_command
+from tests.support.procfs import kill_workers, worker_processes
+from tests.support.waiting import wait_until
 
 NAME = "mcp_stdio"
 TITLE = "MCP over stdio: cold start and tool-call round trip"
@@ -55,27 +56,10 @@ TARGET_COLD_START_S = 1.5
 TARGET_ROUND_TRIP_MS = 10.0
 
 
-def koubou_command() -> str:
-    beside = Path(sys.executable).parent / "koubou-mcp"
-    found = str(beside) if beside.exists() else shutil.which("koubou-mcp")
-    if not found:
-        raise RuntimeError("the koubou-mcp command is not installed (pip install -e .)")
-    return found
-
-
-def _rpc(id_: int | None, method: str, params: dict[str, Any] | None = None) -> bytes:
-    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-    if id_ is not None:
-        message["id"] = id_
-    if params is not None:
-        message["params"] = params
-    return (json.dumps(message) + "\n").encode()
-
-
 HANDSHAKE = (
-    _rpc(1, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+    rpc_line(1, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
                            "clientInfo": {"name": "bench", "version": "0"}})
-    + _rpc(None, "notifications/initialized") + _rpc(2, "tools/list")
+    + rpc_line(None, "notifications/initialized") + rpc_line(2, "tools/list")
 )
 
 
@@ -89,11 +73,9 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 def _reap_workers(home: Path) -> None:
     """Workers leave by themselves once the server is gone; make sure of it."""
     try:
-        wait_for(lambda: not worker_processes(home), 10.0, "the workers to exit")
+        wait_until(lambda: not worker_processes(home), timeout=10.0, message="the workers to exit")
     except TimeoutError:
-        for pid in worker_processes(home):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+        kill_workers(home)
 
 
 def time_start(argv: Sequence[str], env: dict[str, str], *, mcp: bool) -> tuple[float, float]:

@@ -43,7 +43,6 @@ from benchmarks.common import (
     scratch_dir,
     spread,
     target,
-    wait_for,
 )
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
@@ -51,6 +50,7 @@ from koubou_mcp.models import utcnow
 from koubou_mcp.scaling import Decision, Limits, Snapshot
 from koubou_mcp.store import Store, open_store
 from koubou_mcp.supervisor import PoolHandle, Tuning, start_in_thread
+from tests.support.waiting import wait_until
 
 NAME = "scale_up"
 TITLE = "Scale-up: burst to max workers busy, and makespan on a 5-slot backend"
@@ -129,8 +129,8 @@ def _pool(*, max_workers: int, latency_s: float, slots: int, tuning: Tuning) -> 
         started = time.monotonic()
         handle = start_in_thread(settings, store=store, role="benchmark", tuning=tuning)
         try:
-            wait_for(lambda: handle.health().get("workers", {}).get("idle") == 1, 60,
-                     "the first worker to be idle")
+            wait_until(lambda: handle.health().get("workers", {}).get("idle") == 1, timeout=60,
+                       message="the first worker to be idle", interval=0.01)
             yield _Pool(settings, store, fake, handle, time.monotonic() - started)
         finally:
             handle.stop(drain=False, timeout_s=60)
@@ -143,8 +143,8 @@ def burst_to_max(s: Scenario, policy: str) -> dict[str, float]:
                tuning=_tuning(policy, s)) as pool:
         start = time.monotonic()
         pool.submit(s.burst_tasks)
-        wait_for(lambda: pool.fake.stats()["active"] >= s.burst_max_workers, 120,
-                 f"{s.burst_max_workers} busy workers", interval_s=0.005)
+        wait_until(lambda: pool.fake.stats()["active"] >= s.burst_max_workers, timeout=120,
+                   message=f"{s.burst_max_workers} busy workers", interval=0.005)
         return {"burst_s": time.monotonic() - start, "first_worker_s": pool.first_worker_s}
 
 
@@ -153,8 +153,8 @@ def makespan(s: Scenario, policy: str) -> dict[str, float]:
     with _pool(max_workers=s.makespan_max_workers, latency_s=s.makespan_task_s,
                slots=s.makespan_slots, tuning=_tuning(policy, s)) as pool:
         pool.submit(s.makespan_tasks)
-        wait_for(lambda: queue.counts_by_status(pool.store)["completed"] == s.makespan_tasks,
-                 600, "every task to complete", interval_s=0.05)
+        wait_until(lambda: queue.counts_by_status(pool.store)["completed"] == s.makespan_tasks,
+                   timeout=600, message="every task to complete", interval=0.05)
         tasks = queue.list_tasks(pool.store, limit=s.makespan_tasks)
         first = min(t.created_at for t in tasks)
         last = max(t.finished_at for t in tasks if t.finished_at is not None)

@@ -35,18 +35,18 @@ from benchmarks.common import (
     has_exited,
     make_result,
     median,
-    plain_env,
     ratio,
     scratch_dir,
     spread,
     start_workers,
     target,
-    wait_for,
 )
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
 from koubou_mcp.models import utcnow
 from koubou_mcp.store import Store, open_store
+from tests.support.env import plain_env
+from tests.support.waiting import wait_until
 
 NAME = "throughput"
 TITLE = "Queue throughput end to end: koubou-mcp against huey (SQLite)"
@@ -79,13 +79,14 @@ def ours_once(children: Children, store: Store, settings: Settings, workers: int
         before = ended_count(store)
         warm = 2 * workers
         submit(store, settings, warm, f"{label}-warm")
-        wait_for(lambda: ended_count(store) >= before + warm, 60, "warm-up tasks")
+        wait_until(lambda: ended_count(store) >= before + warm, timeout=60, message="warm-up tasks",
+                   interval=0.01)
         cpu_before = sum(cpu_seconds(p.pid) for p in procs)
         started = time.perf_counter()
         submit(store, settings, batch, label)
         submitted = time.perf_counter()
-        wait_for(lambda: ended_count(store) >= before + warm + batch, timeout_s,
-                 f"{batch} tasks on {workers} worker(s)")
+        wait_until(lambda: ended_count(store) >= before + warm + batch, timeout=timeout_s,
+                   message=f"{batch} tasks on {workers} worker(s)", interval=0.01)
         elapsed = time.perf_counter() - started
         cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
     finally:
@@ -121,7 +122,7 @@ def huey_once(children: Children, tmp: Path, fake_url: str, workers: int, batch:
         warm = 2 * workers
         for i in range(warm):
             chat(fake_url, MODEL, f"{label}-warm {i}")
-        wait_for(lambda: results() >= warm, 60, "huey warm-up tasks")
+        wait_until(lambda: results() >= warm, timeout=60, message="huey warm-up tasks", interval=0.01)
         consumer = pids()
         if len(consumer) < workers + 1:  # N workers and, in process mode, the scheduler
             raise RuntimeError(f"huey consumer has {len(consumer) - 1} child processes, "
@@ -131,8 +132,8 @@ def huey_once(children: Children, tmp: Path, fake_url: str, workers: int, batch:
         for i in range(batch):
             chat(fake_url, MODEL, f"{label} {i}")
         submitted = time.perf_counter()
-        wait_for(lambda: results() >= warm + batch, timeout_s,
-                 f"{batch} huey tasks on {workers} worker(s)")
+        wait_until(lambda: results() >= warm + batch, timeout=timeout_s,
+                   message=f"{batch} huey tasks on {workers} worker(s)", interval=0.01)
         elapsed = time.perf_counter() - started
         cpu = sum(cpu_seconds(p) for p in consumer) - cpu_before
         values = [app.serializer.deserialize(v) for v in app.storage.result_items().values()]

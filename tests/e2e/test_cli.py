@@ -14,9 +14,12 @@ from typing import Any
 import pytest
 
 from koubou_mcp.config import Settings
-from tests.e2e.conftest import Leftovers, koubou_command, server_env, worker_pids
+from tests.e2e.conftest import Leftovers
 from tests.fakes.ollama_server import FakeOllama
-from tests.waiting import wait_until
+from tests.support.env import child_env
+from tests.support.processes import koubou_command
+from tests.support.procfs import worker_processes
+from tests.support.waiting import wait_until
 
 RECORD_KEYS = {"task_id", "type", "status", "priority", "result", "error", "attempts",
                "max_attempts", "worker_id", "created_at", "finished_at", "duration_s"}
@@ -25,7 +28,7 @@ RECORD_KEYS = {"task_id", "type", "status", "priority", "result", "error", "atte
 def koubou(settings: Settings, *args: str, stdin: bytes | None = None,
            timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run ``koubou-mcp ARGS`` to completion, in the settings' environment."""
-    raw = subprocess.run([koubou_command(), *args], env=server_env(settings), input=stdin,
+    raw = subprocess.run([koubou_command(), *args], env=child_env(settings), input=stdin,
                          capture_output=True, timeout=timeout, check=False,
                          stdin=None if stdin is not None else subprocess.DEVNULL)
     return subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(),
@@ -135,14 +138,14 @@ def pool(e2e_settings: Settings, leftovers: Leftovers, tmp_path: Path) -> Iterat
     """``koubou-mcp pool`` in the background, stopped (``koubou-mcp stop``, then killed)."""
     log = open(tmp_path / "pool.out", "wb")  # noqa: SIM115 - closed below
     try:
-        process = subprocess.Popen([koubou_command(), "pool"], env=server_env(e2e_settings),
+        process = subprocess.Popen([koubou_command(), "pool"], env=child_env(e2e_settings),
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                    start_new_session=True)
     finally:
         log.close()
     leftovers.add(process.pid)
     try:
-        wait_until(lambda: worker_pids(e2e_settings.home), timeout=15,
+        wait_until(lambda: worker_processes(e2e_settings.home), timeout=15,
                    message="the pool's first worker")
         yield None
     finally:
@@ -186,7 +189,7 @@ def test_doctor_passes_with_ollama_its_models_and_codex(e2e_settings: Settings) 
 
 
 def test_doctor_says_how_to_fix_a_missing_model_and_a_missing_codex(
-    e2e_settings: Settings, ollama: FakeOllama
+    e2e_settings: Settings, fake_ollama: FakeOllama
 ) -> None:
     unwell = e2e_settings.with_overrides(code_model="qwen3-coder:30b", codex_bin="no-such-codex")
     result = koubou(unwell, "doctor")
@@ -247,7 +250,7 @@ def test_doctor_reports_a_read_only_database(e2e_settings: Settings) -> None:
         db = settings.home / "db" / "koubou.db"
         db.chmod(0o444)
         db.parent.chmod(0o555)
-        raw = subprocess.run([*as_nobody, koubou_command(), "doctor"], env=server_env(settings),
+        raw = subprocess.run([*as_nobody, koubou_command(), "doctor"], env=child_env(settings),
                              capture_output=True, timeout=60, check=False,
                              stdin=subprocess.DEVNULL)
         out = raw.stdout.decode()

@@ -25,9 +25,12 @@ from mcp.client.streamable_http import streamable_http_client
 from prometheus_client.parser import text_string_to_metric_families
 
 from koubou_mcp.config import Settings
-from tests.e2e.conftest import Leftovers, koubou_command, server_env, worker_pids
+from tests.e2e.conftest import Leftovers
 from tests.fakes.ollama_server import FakeOllama
-from tests.waiting import wait_until
+from tests.support.env import child_env
+from tests.support.processes import koubou_command
+from tests.support.procfs import worker_processes
+from tests.support.waiting import wait_until
 
 TOKEN = "t0ken-" + secrets.token_urlsafe(24)
 RECORD_KEYS = {"task_id", "type", "status", "priority", "result", "error", "error_kind",
@@ -65,7 +68,7 @@ def _start(settings: Settings, args: list[str], env: Mapping[str, str], port: in
     with open(log, "ab") as out:
         return subprocess.Popen(
             [koubou_command(), "serve", "--transport", "streamable-http", "--port", str(port),
-             *args], env={**server_env(settings), **env}, stdin=subprocess.DEVNULL,
+             *args], env={**child_env(settings), **env}, stdin=subprocess.DEVNULL,
             stdout=out, stderr=out, cwd=str(settings.workdir), start_new_session=True)
 
 
@@ -114,7 +117,7 @@ def http_server(settings: Settings, leftovers: Leftovers, *args: str,
 
 def koubou(settings: Settings, *args: str, env: Mapping[str, str] | None = None,
            timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([koubou_command(), *args], env={**server_env(settings), **(env or {})},
+    return subprocess.run([koubou_command(), *args], env={**child_env(settings), **(env or {})},
                           capture_output=True, text=True, timeout=timeout, check=False,
                           stdin=subprocess.DEVNULL)
 
@@ -369,14 +372,14 @@ async def test_an_mcp_client_over_streamable_http_delegates_and_gets_the_result(
             record = http.get(f"/task/{done['task_id']}/status").json()
             assert record["result"] == "echo: summarise: koubou"
             assert http.get("/health").json()["status"] == "ok"
-            assert worker_pids(e2e_settings.home)
+            assert worker_processes(e2e_settings.home)
     # SIGTERM stopped the server (exit 0, checked by http_server) and its idle workers
-    wait_until(lambda: not worker_pids(e2e_settings.home), timeout=15,
+    wait_until(lambda: not worker_processes(e2e_settings.home), timeout=15,
                message="the pool's workers to exit after the server")
 
 
 def test_metrics_parse_and_move_when_tasks_run(
-    e2e_settings: Settings, ollama: FakeOllama, leftovers: Leftovers
+    e2e_settings: Settings, fake_ollama: FakeOllama, leftovers: Leftovers
 ) -> None:
     settings = e2e_settings.with_overrides(max_attempts=1)
     with http_server(settings, leftovers) as server, server.client() as http:
@@ -397,11 +400,11 @@ def test_metrics_parse_and_move_when_tasks_run(
         code = http.post("/task/delegate", json={"prompt": "fizzbuzz", "type": "code",
                                                  "sync": True, "wait_s": 30}).json()
         assert code["status"] == "completed", code
-        ollama.configure(mode="error500")
+        fake_ollama.configure(mode="error500")
         failed = http.post("/task/delegate", json={"prompt": "three", "sync": True,
                                                    "wait_s": 30}).json()
         assert failed["status"] == "failed", failed
-        ollama.configure(mode="ok")
+        fake_ollama.configure(mode="ok")
 
         reply = http.get("/metrics")
         assert reply.headers["content-type"].startswith("text/plain")

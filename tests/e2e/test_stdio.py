@@ -16,19 +16,16 @@ from typing import Any
 import pytest
 from mcp import Client
 
-from koubou_mcp import queue
 from koubou_mcp.config import Settings
 from koubou_mcp.store import open_store
-from tests.e2e.conftest import (
-    Leftovers,
-    koubou_command,
-    server_env,
-    server_params,
-    until,
-    worker_pids,
-)
+from tests.e2e.conftest import Leftovers, server_params
 from tests.fakes.ollama_server import FakeOllama
-from tests.waiting import pid_alive, wait_until
+from tests.support.env import child_env
+from tests.support.jsonrpc import rpc_line
+from tests.support.processes import koubou_command
+from tests.support.procfs import pid_alive, worker_processes
+from tests.support.tasks import ended
+from tests.support.waiting import async_wait_until, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -50,7 +47,7 @@ async def status_of(client: Client, task_id: str) -> str:
 
 
 async def test_a_client_lists_reads_health_delegates_polls_lists_and_cancels(
-    e2e_settings: Settings, ollama: FakeOllama, leftovers: Leftovers
+    e2e_settings: Settings, fake_ollama: FakeOllama, leftovers: Leftovers
 ) -> None:
     garbage: list[Exception] = []
 
@@ -74,7 +71,8 @@ async def test_a_client_lists_reads_health_delegates_polls_lists_and_cancels(
 
         code = await call(client, "delegate_task", prompt="write fizzbuzz", type="code")
         assert code["status"] == "pending"
-        await until(lambda: _is(client, code["task_id"], "completed"), message="the code task")
+        await async_wait_until(lambda: _is(client, code["task_id"], "completed"), timeout=15,
+                               message="the code task")
         record = await call(client, "get_status", task_id=code["task_id"])
         assert record["result"] == "codex: write fizzbuzz"
 
@@ -82,15 +80,16 @@ async def test_a_client_lists_reads_health_delegates_polls_lists_and_cancels(
         assert [t["task_id"] for t in listed["tasks"]] == [code["task_id"], done["task_id"]]
         assert listed["counts"]["completed"] == 2
 
-        ollama.configure(mode="hang")
+        fake_ollama.configure(mode="hang")
         stuck = await call(client, "delegate_task", prompt="never answered")
-        await until(lambda: _is(client, stuck["task_id"], "in_progress"), message="the claim")
+        await async_wait_until(lambda: _is(client, stuck["task_id"], "in_progress"), timeout=15,
+                               message="the claim")
         cancelled = await call(client, "cancel_task", task_id=stuck["task_id"])
         assert cancelled["cancel_requested"] is True
-        await until(lambda: _is(client, stuck["task_id"], "cancelled"),
-                    message="the worker to stop the cancelled task")
-        ollama.configure(mode="ok")
-        ollama.release()
+        await async_wait_until(lambda: _is(client, stuck["task_id"], "cancelled"), timeout=15,
+                               message="the worker to stop the cancelled task")
+        fake_ollama.configure(mode="ok")
+        fake_ollama.release()
     assert not garbage, f"stdout carried something that is not JSON-RPC: {garbage}"
 
 
@@ -99,15 +98,16 @@ async def _is(client: Client, task_id: str, status: str) -> bool:
 
 
 async def test_closing_the_client_stops_the_server_at_once_and_the_busy_worker_after_its_task(
-    e2e_settings: Settings, ollama: FakeOllama, leftovers: Leftovers
+    e2e_settings: Settings, fake_ollama: FakeOllama, leftovers: Leftovers
 ) -> None:
-    ollama.configure(latency_s=2.0)
+    fake_ollama.configure(latency_s=2.0)
     async with AsyncExitStack() as stack:
         client = await stack.enter_async_context(Client(server_params(e2e_settings)))
         server_pid = (await read_json(client, "koubou://health"))["server"]["pid"]
         leftovers.add(server_pid)
         task_id = (await call(client, "delegate_task", prompt="finish me"))["task_id"]
-        await until(lambda: _is(client, task_id, "in_progress"), message="the claim")
+        await async_wait_until(lambda: _is(client, task_id, "in_progress"), timeout=15,
+                               message="the claim")
         workers = (await read_json(client, "koubou://health"))["workers"]["list"]
         busy_pid = next(w["pid"] for w in workers if w["current_task"] == task_id)
         for w in workers:
@@ -132,35 +132,21 @@ async def test_closing_the_client_stops_the_server_at_once_and_the_busy_worker_a
 
     store = open_store(e2e_settings.database_url, e2e_settings.run_dir)
     try:
-        done = wait_until(lambda: _ended(store, task_id), timeout=15,
+        done = wait_until(lambda: ended(store, task_id), timeout=15,
                           message="the in-flight task to finish after the server left")
         assert (done.status, done.result) == ("completed", "echo: finish me")
     finally:
         store.close()
     wait_until(lambda: not pid_alive(busy_pid), timeout=10, message="the busy worker to exit")
-    wait_until(lambda: not worker_pids(e2e_settings.home), timeout=10,
+    wait_until(lambda: not worker_processes(e2e_settings.home), timeout=10,
                message="every worker to be gone")
-
-
-def _ended(store: Any, task_id: str) -> Any:
-    task = queue.get_task(store, task_id)
-    return task if task.status in ("completed", "failed", "cancelled") else None
-
-
-def _rpc(id_: int | None, method: str, params: dict[str, Any] | None = None) -> bytes:
-    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-    if id_ is not None:
-        message["id"] = id_
-    if params is not None:
-        message["params"] = params
-    return (json.dumps(message) + "\n").encode()
 
 
 def _start_raw(settings: Settings, tmp_path: Path) -> subprocess.Popen[bytes]:
     stderr = open(tmp_path / "server.stderr", "wb")  # noqa: SIM115 - closed below
     try:
         return subprocess.Popen(
-            [koubou_command()], env=server_env(settings), cwd=settings.workdir,
+            [koubou_command()], env=child_env(settings), cwd=settings.workdir,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
             start_new_session=True,
         )
@@ -174,16 +160,16 @@ def test_stdout_carries_only_json_rpc_even_while_workers_run_tasks(
     server = _start_raw(e2e_settings, tmp_path)
     leftovers.add(server.pid)
     assert server.stdin is not None
-    server.stdin.write(_rpc(1, "initialize", {
+    server.stdin.write(rpc_line(1, "initialize", {
         "protocolVersion": "2025-06-18", "capabilities": {},
         "clientInfo": {"name": "raw-test", "version": "0"}}))
-    server.stdin.write(_rpc(None, "notifications/initialized"))
-    server.stdin.write(_rpc(2, "tools/list"))
-    server.stdin.write(_rpc(3, "tools/call", {"name": "delegate_task", "arguments": {
+    server.stdin.write(rpc_line(None, "notifications/initialized"))
+    server.stdin.write(rpc_line(2, "tools/list"))
+    server.stdin.write(rpc_line(3, "tools/call", {"name": "delegate_task", "arguments": {
         "prompt": "print('to stdout?')", "sync": True, "wait_s": 30}}))
-    server.stdin.write(_rpc(4, "tools/call", {"name": "delegate_task", "arguments": {
+    server.stdin.write(rpc_line(4, "tools/call", {"name": "delegate_task", "arguments": {
         "prompt": "and a code task", "type": "code", "sync": True, "wait_s": 30}}))
-    server.stdin.write(_rpc(5, "resources/read", {"uri": "koubou://health"}))
+    server.stdin.write(rpc_line(5, "resources/read", {"uri": "koubou://health"}))
     server.stdin.flush()
     lines: list[bytes] = []
     assert server.stdout is not None
@@ -214,7 +200,7 @@ def test_sigterm_stops_the_server_cleanly_even_with_stdin_open(
     leftovers.add(server.pid)
     assert server.stdin is not None
     _handshake(server)
-    wait_until(lambda: worker_pids(e2e_settings.home), message="the pool's first worker")
+    wait_until(lambda: worker_processes(e2e_settings.home), message="the pool's first worker")
     os.kill(server.pid, signal.SIGTERM)
     try:
         assert server.wait(timeout=3) == 0
@@ -222,13 +208,13 @@ def test_sigterm_stops_the_server_cleanly_even_with_stdin_open(
         server.stdin.close()
     log = (e2e_settings.logs_dir / "mcp_server.log").read_text()
     assert "received SIGTERM" in log and "koubou-mcp server stopped" in log
-    wait_until(lambda: not worker_pids(e2e_settings.home), timeout=10,
+    wait_until(lambda: not worker_processes(e2e_settings.home), timeout=10,
                message="the idle worker to exit with the server")
 
 
 def _handshake(server: subprocess.Popen[bytes]) -> None:
     assert server.stdin is not None and server.stdout is not None
-    server.stdin.write(_rpc(1, "initialize", {
+    server.stdin.write(rpc_line(1, "initialize", {
         "protocolVersion": "2025-06-18", "capabilities": {},
         "clientInfo": {"name": "raw-test", "version": "0"}}))
     server.stdin.flush()
@@ -242,7 +228,7 @@ async def test_a_second_server_on_the_same_home_joins_the_pool_and_takes_over_wh
     leftovers.add(first.pid)
     try:
         _handshake(first)
-        wait_until(lambda: worker_pids(e2e_settings.home), message="the first server's pool")
+        wait_until(lambda: worker_processes(e2e_settings.home), message="the first server's pool")
         async with Client(server_params(e2e_settings)) as client:
             health = await read_json(client, "koubou://health")
             leftovers.add(health["server"]["pid"])
@@ -256,7 +242,7 @@ async def test_a_second_server_on_the_same_home_joins_the_pool_and_takes_over_wh
             assert first.stdin is not None
             first.stdin.close()  # the first session ends
             assert first.wait(timeout=5) == 0
-            await until(lambda: _leads(client), timeout=10,
+            await async_wait_until(lambda: _leads(client), timeout=10,
                         message="the second server to take the pool over")
             again = await call(client, "delegate_task", prompt="after the handover",
                                sync=True, wait_s=30)

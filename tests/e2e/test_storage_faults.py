@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from koubou_mcp.config import Settings
-from tests.procs import run_cli
+from tests.support.processes import run_cli
 
 
 @pytest.fixture

@@ -51,10 +51,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
+
+from tests.support.env import plain_env
+from tests.support.paths import REPO_ROOT
 
 MODES = (
     "ok",
@@ -72,7 +74,6 @@ FAKE_VERSION = "0.12.6"
 HANG_S = 3600.0
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def canonical_model(name: str) -> str:
@@ -825,10 +826,8 @@ class FakeOllamaProcess:
         return self._url
 
     def start(self) -> FakeOllamaProcess:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         self.process = subprocess.Popen(
-            self.argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+            self.argv, cwd=REPO_ROOT, env=plain_env(), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
         )
         try:
             self._url = self._read_ready_line()

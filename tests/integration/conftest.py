@@ -17,13 +17,8 @@ from koubou_mcp.config import Settings
 from koubou_mcp.store import Store
 from koubou_mcp.supervisor import PoolHandle, Supervisor, Tuning, start_in_thread
 from tests.fakes.ollama_server import FakeOllama
-from tests.integration.pool_processes import PoolProcesses, kill_workers
-
-
-@pytest.fixture
-def fake_ollama() -> Iterator[FakeOllama]:
-    with FakeOllama(models=["gpt-oss:20b"]) as fake:
-        yield fake
+from tests.support.processes import PoolProcesses
+from tests.support.procfs import kill_workers
 
 
 @pytest.fixture

@@ -21,8 +21,9 @@ from koubou_mcp.config import Settings
 from koubou_mcp.models import WorkerStatus, utcnow
 from koubou_mcp.store import Store
 from tests.fakes.ollama_server import FakeOllama
-from tests.integration.pool_processes import PoolProcesses, worker_processes
-from tests.waiting import wait_until
+from tests.support.processes import PoolProcesses
+from tests.support.procfs import worker_processes
+from tests.support.waiting import wait_until
 
 TASKS = 300
 KILLS = 25

@@ -15,8 +15,8 @@ from koubou_mcp.config import Settings
 from koubou_mcp.models import utcnow
 from koubou_mcp.store import open_store
 from tests.fakes.ollama_server import FakeOllama
-from tests.procs import Processes, processes
-from tests.waiting import wait_until
+from tests.support.processes import Processes, processes
+from tests.support.waiting import wait_until
 
 WORKERS, SUBMITTERS, PER_SUBMITTER = 6, 4, 40
 

@@ -15,10 +15,12 @@ import pytest
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
 from koubou_mcp.models import utcnow
-from koubou_mcp.store import Store, open_store
+from koubou_mcp.store import open_store
 from tests.fakes.ollama_server import FakeOllama
-from tests.procs import FAKE_CODEX, Processes, processes, wait_dead
-from tests.waiting import wait_until
+from tests.support.paths import FAKE_CODEX_PATH
+from tests.support.processes import Processes, processes, wait_dead
+from tests.support.tasks import ended
+from tests.support.waiting import wait_until
 
 
 def dead_url() -> str:
@@ -75,11 +77,6 @@ FAULTS = [
 ]
 
 
-@pytest.fixture
-def ollama() -> Iterator[FakeOllama]:
-    with FakeOllama(models=["gpt-oss:20b"]) as fake:
-        yield fake
-
 
 @pytest.fixture
 def procs() -> Iterator[Processes]:
@@ -87,23 +84,18 @@ def procs() -> Iterator[Processes]:
         yield p
 
 
-def ended(store: Store, task_id: str) -> queue.TaskSnapshot | None:
-    task = queue.get_task(store, task_id)
-    return task if task.status in ("completed", "failed", "cancelled") else None
-
-
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
 def test_each_backend_fault_ends_defined_and_leaves_the_worker_healthy(
-    fault: Fault, settings: Settings, ollama: FakeOllama, procs: Processes, tmp_path: Path
+    fault: Fault, settings: Settings, fake_ollama: FakeOllama, procs: Processes, tmp_path: Path
 ) -> None:
-    overrides = {"ollama_url": ollama.url, "codex_bin": str(FAKE_CODEX), "workdir": tmp_path}
+    overrides = {"ollama_url": fake_ollama.url, "codex_bin": str(FAKE_CODEX_PATH), "workdir": tmp_path}
     overrides |= {k: (dead_url() if v == "DEAD" else v) for k, v in fault.settings.items()}
     wsettings = settings.with_overrides(**overrides)
     store = open_store(wsettings.database_url, wsettings.run_dir)
     pidfile = tmp_path / "codex.pids"
     try:
         if fault.fake:
-            ollama.configure(**fault.fake)
+            fake_ollama.configure(**fault.fake)
         worker = procs.worker(wsettings, "w1", {"FAKE_CODEX_PIDFILE": str(pidfile), **fault.env})
         request = queue.validate_request(wsettings, f"fault: {fault.name}", fault.task_type,
                                          timeout_s=fault.timeout_s)
@@ -125,8 +117,8 @@ def test_each_backend_fault_ends_defined_and_leaves_the_worker_healthy(
 
         # The same worker goes on serving.
         assert worker.poll() is None, "the worker survived the fault"
-        ollama.configure(mode="ok", fail_next=0)
-        ollama.release()
+        fake_ollama.configure(mode="ok", fail_next=0)
+        fake_ollama.release()
         # check with a task the fault does not break: faults that disable Ollama for good are
         # checked with a code task, all others (fake reset above) with a general one
         breaks_general = "ollama_url" in fault.settings or "general_model" in fault.settings

@@ -21,8 +21,9 @@ from koubou_mcp.models import utcnow
 from koubou_mcp.store import Store, open_store
 from tests.e2e.conftest import server_params
 from tests.fakes.ollama_server import FakeOllama
-from tests.integration.pool_processes import PoolProcesses, kill_workers, worker_processes
-from tests.waiting import wait_until
+from tests.support.processes import PoolProcesses
+from tests.support.procfs import kill_workers, worker_processes
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.postgres
 TASKS = 60

@@ -23,14 +23,10 @@ from koubou_mcp.models import TaskStatus, WorkerStatus, utcnow
 from koubou_mcp.store import Store
 from koubou_mcp.supervisor import PoolHandle, Supervisor, read_holder, stop_pool
 from tests.fakes.ollama_server import FakeOllama
-from tests.integration.pool_processes import (
-    REPO_ROOT,
-    PoolProcesses,
-    parent_pid,
-    worker_processes,
-)
-from tests.procs import FAKE_CODEX
-from tests.waiting import pid_alive, wait_until
+from tests.support.paths import FAKE_CODEX_PATH, REPO_ROOT
+from tests.support.processes import PoolProcesses
+from tests.support.procfs import parent_pid, pid_alive, worker_processes
+from tests.support.waiting import wait_until
 
 
 def submit(store: Store, settings: Settings, n: int = 1, **fields: object) -> list[queue.TaskSnapshot]:
@@ -227,7 +223,7 @@ def test_the_codex_tree_of_a_sigkilled_worker_is_killed_when_the_worker_is_reape
     # the supervisor passes its environment on to workers, and they to Codex
     monkeypatch.setenv("FAKE_CODEX_MODE", "hang")
     monkeypatch.setenv("FAKE_CODEX_PIDFILE", str(pidfile))
-    settings = pool_settings.with_overrides(codex_bin=str(FAKE_CODEX), workdir=tmp_path,
+    settings = pool_settings.with_overrides(codex_bin=str(FAKE_CODEX_PATH), workdir=tmp_path,
                                             lease_s=30.0)
     handle = pool_thread(settings)
     wait_until(lambda: handle.health().get("workers", {}).get("idle") == 1, 20,

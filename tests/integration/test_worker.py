@@ -18,19 +18,17 @@ from koubou_mcp.config import Settings
 from koubou_mcp.models import TaskStatus, utcnow
 from koubou_mcp.store import Store, open_store
 from tests.fakes.ollama_server import FakeOllama
-from tests.procs import FAKE_CODEX, Processes, child_env, processes, wait_dead, wait_exit
-from tests.waiting import pid_alive, wait_until
+from tests.support.env import child_env
+from tests.support.paths import FAKE_CODEX_PATH
+from tests.support.processes import Processes, processes, wait_dead, wait_exit
+from tests.support.procfs import pid_alive
+from tests.support.tasks import ended
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
-def ollama() -> Iterator[FakeOllama]:
-    with FakeOllama(models=["gpt-oss:20b"]) as fake:
-        yield fake
-
-
-@pytest.fixture
-def wsettings(settings: Settings, ollama: FakeOllama, tmp_path: Path) -> Settings:
-    return settings.with_overrides(ollama_url=ollama.url, codex_bin=str(FAKE_CODEX),
+def wsettings(settings: Settings, fake_ollama: FakeOllama, tmp_path: Path) -> Settings:
+    return settings.with_overrides(ollama_url=fake_ollama.url, codex_bin=str(FAKE_CODEX_PATH),
                                    workdir=tmp_path)
 
 
@@ -54,11 +52,6 @@ def submit(store: Store, settings: Settings, prompt: str, **fields: object) -> s
 
 def status(store: Store, task_id: str) -> queue.TaskSnapshot:
     return queue.get_task(store, task_id)
-
-
-def ended(store: Store, task_id: str) -> queue.TaskSnapshot | None:
-    task = queue.get_task(store, task_id)
-    return task if task.status in ("completed", "failed", "cancelled") else None
 
 
 def test_a_worker_completes_general_and_code_tasks(
@@ -86,16 +79,16 @@ def test_a_worker_completes_general_and_code_tasks(
 
 
 def test_a_task_of_a_sigkilled_worker_is_completed_by_another(
-    store: Store, wsettings: Settings, procs: Processes, ollama: FakeOllama
+    store: Store, wsettings: Settings, procs: Processes, fake_ollama: FakeOllama
 ) -> None:
-    ollama.configure(mode="hang")  # the first run hangs until the worker dies
+    fake_ollama.configure(mode="hang")  # the first run hangs until the worker dies
     first = procs.worker(wsettings, "doomed")
     task_id = submit(store, wsettings, "survive me")
     wait_until(lambda: status(store, task_id).status == "in_progress", message="claim")
     os.killpg(first.pid, signal.SIGKILL)
     wait_exit(first)
-    ollama.configure(mode="ok")
-    ollama.release()
+    fake_ollama.configure(mode="ok")
+    fake_ollama.release()
     procs.worker(wsettings, "rescuer")
     done = wait_until(lambda: ended(store, task_id), timeout=wsettings.lease_s + 15,
                       message="the task to be finished by the rescuer")
@@ -103,14 +96,14 @@ def test_a_task_of_a_sigkilled_worker_is_completed_by_another(
     assert done.attempts == 2
 
 
-def start_draining(store: Store, settings: Settings, procs: Processes, ollama: FakeOllama,
+def start_draining(store: Store, settings: Settings, procs: Processes, fake_ollama: FakeOllama,
                    worker_id: str) -> tuple[subprocess.Popen[bytes], str]:
     """A worker whose task hangs in the model, sent one SIGTERM: it is draining when this
     returns. Gives the worker and its task's id."""
-    ollama.configure(mode="hang")
+    fake_ollama.configure(mode="hang")
     worker = procs.worker(settings, worker_id)
     task_id = submit(store, settings, f"task of {worker_id}")
-    wait_until(lambda: ollama.stats()["in_flight"] >= 1, message="the model call to start")
+    wait_until(lambda: fake_ollama.stats()["in_flight"] >= 1, message="the model call to start")
     worker.send_signal(signal.SIGTERM)
     wait_until(lambda: "finishing the current task" in
                (settings.worker_logs_dir / f"{worker_id}.log").read_text(),
@@ -119,11 +112,11 @@ def start_draining(store: Store, settings: Settings, procs: Processes, ollama: F
 
 
 def test_sigterm_lets_the_running_task_finish_then_the_worker_exits(
-    store: Store, wsettings: Settings, procs: Processes, ollama: FakeOllama
+    store: Store, wsettings: Settings, procs: Processes, fake_ollama: FakeOllama
 ) -> None:
-    worker, task_id = start_draining(store, wsettings, procs, ollama, "drainer")
+    worker, task_id = start_draining(store, wsettings, procs, fake_ollama, "drainer")
     assert worker.poll() is None, "the worker must not exit before its task is done"
-    ollama.release()
+    fake_ollama.release()
     assert wait_exit(worker) == 0
     done = status(store, task_id)
     assert (done.status, done.attempts) == ("completed", 1)
@@ -131,9 +124,9 @@ def test_sigterm_lets_the_running_task_finish_then_the_worker_exits(
 
 
 def test_a_second_sigterm_gives_the_task_back_and_exits(
-    store: Store, wsettings: Settings, procs: Processes, ollama: FakeOllama
+    store: Store, wsettings: Settings, procs: Processes, fake_ollama: FakeOllama
 ) -> None:
-    worker, task_id = start_draining(store, wsettings, procs, ollama, "quitter")
+    worker, task_id = start_draining(store, wsettings, procs, fake_ollama, "quitter")
     worker.send_signal(signal.SIGTERM)
     assert wait_exit(worker) == 0
     back = status(store, task_id)
@@ -141,15 +134,15 @@ def test_a_second_sigterm_gives_the_task_back_and_exits(
 
 
 def test_a_task_past_its_timeout_fails_and_is_not_retried(
-    store: Store, wsettings: Settings, procs: Processes, ollama: FakeOllama
+    store: Store, wsettings: Settings, procs: Processes, fake_ollama: FakeOllama
 ) -> None:
-    ollama.configure(mode="hang")
+    fake_ollama.configure(mode="hang")
     procs.worker(wsettings, "w1")
     task_id = submit(store, wsettings, "too slow", timeout_s=1)
     done = wait_until(lambda: ended(store, task_id), timeout=15, message="timeout")
     assert (done.status, done.error, done.attempts) == ("failed", "timed out after 1 s", 1)
-    ollama.release()
-    ollama.configure(mode="ok")
+    fake_ollama.release()
+    fake_ollama.configure(mode="ok")
     after = submit(store, wsettings, "still healthy?")
     assert wait_until(lambda: ended(store, after), timeout=15).status == "completed"
 

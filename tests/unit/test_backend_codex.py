@@ -19,16 +19,12 @@ from koubou_mcp.backends import (
     PermanentBackendError,
 )
 from koubou_mcp.backends.codex import STDERR_EXCERPT_CHARS, _Tail, oss_base_url
-from tests.fakes import (
-    FAKE_CODEX_PATH,
-    FAKES_DIR,
-    async_wait_until,
-    fake_codex_env,
-    read_pidfile,
-    read_records,
-)
+from tests.fakes import read_pidfile, read_records
 from tests.fakes.ollama_server import FakeOllama
-from tests.waiting import pid_alive, wait_until
+from tests.support.env import fake_codex_env
+from tests.support.paths import FAKE_CODEX_PATH, FAKES_DIR
+from tests.support.procfs import pid_alive
+from tests.support.waiting import async_wait_until, wait_until
 
 MODEL = "gpt-oss:20b"
 OLLAMA_URL = "http://127.0.0.1:11434/"

@@ -22,14 +22,12 @@ from koubou_mcp.backends import (
     CodexBackend,
     OllamaBackend,
 )
-from tests.fakes import (
-    FAKE_CODEX_PATH,
-    async_wait_until,
-    fake_codex_env,
-    read_pidfile,
-)
+from tests.fakes import read_pidfile
 from tests.fakes.ollama_server import FakeOllama
-from tests.waiting import pid_alive, wait_until
+from tests.support.env import fake_codex_env
+from tests.support.paths import FAKE_CODEX_PATH
+from tests.support.procfs import pid_alive
+from tests.support.waiting import async_wait_until, wait_until
 
 MODEL = "gpt-oss:20b"
 

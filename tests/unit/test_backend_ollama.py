@@ -23,9 +23,8 @@ from koubou_mcp.backends import (
     TransientBackendError,
     model_present,
 )
-from tests.fakes import async_wait_until
 from tests.fakes.ollama_server import FakeOllama, FakeOllamaProcess
-from tests.waiting import wait_until
+from tests.support.waiting import async_wait_until, wait_until
 
 MODEL = "gpt-oss:20b"
 

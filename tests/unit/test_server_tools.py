@@ -25,11 +25,11 @@ from koubou_mcp.models import utcnow
 from koubou_mcp.server import MAX_SYNC_WAIT_S, build_server
 from koubou_mcp.store import Store, open_store
 from tests.fakes.ollama_server import FakeOllama
-from tests.waiting import wait_until
+from tests.support.paths import FAKE_CODEX_PATH
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
-FAKE_CODEX = str(Path(__file__).resolve().parents[1] / "fakes" / "codex")
 TOOLS = {"delegate_task", "get_status", "list_tasks", "cancel_task"}
 
 
@@ -40,13 +40,10 @@ async def client(settings: Settings) -> AsyncIterator[Client]:
 
 
 @pytest.fixture
-def store(settings: Settings) -> Iterator[Store]:
-    """The test's own handle on the server's store (what a worker process would have)."""
-    s = open_store(settings.database_url, settings.run_dir)
-    try:
-        yield s
-    finally:
-        s.close()
+def store(sqlite_store: Store) -> Store:
+    """The test's own handle on the server's store (what a worker process would have); the
+    server under test runs on the SQLite file of ``settings``."""
+    return sqlite_store
 
 
 class StandInWorker:
@@ -401,16 +398,11 @@ async def read_json(client: Client, uri: str) -> dict[str, Any]:
     return data
 
 
-@pytest.fixture
-def ollama() -> Iterator[FakeOllama]:
-    with FakeOllama(models=["gpt-oss:20b"]) as fake:
-        yield fake
-
 
 async def test_health_is_ok_with_ollama_codex_and_a_live_worker(
-    settings: Settings, store: Store, ollama: FakeOllama
+    settings: Settings, store: Store, fake_ollama: FakeOllama
 ) -> None:
-    healthy = settings.with_overrides(ollama_url=ollama.url, codex_bin=FAKE_CODEX)
+    healthy = settings.with_overrides(ollama_url=fake_ollama.url, codex_bin=str(FAKE_CODEX_PATH))
     queue.register_worker(store, "w-live", 4242, utcnow())
     async with Client(build_server(healthy, pool=False)) as c:
         await call(c, "delegate_task", prompt="queued")
@@ -427,11 +419,11 @@ async def test_health_is_ok_with_ollama_codex_and_a_live_worker(
 
 
 async def test_health_names_a_missing_model_and_a_missing_codex_with_the_fix(
-    settings: Settings, store: Store, ollama: FakeOllama
+    settings: Settings, store: Store, fake_ollama: FakeOllama
 ) -> None:
-    ollama.configure(models=["llama3.2:latest"])
+    fake_ollama.configure(models=["llama3.2:latest"])
     queue.register_worker(store, "w-live", 4242, utcnow())
-    unwell = settings.with_overrides(ollama_url=ollama.url, codex_bin="/nonexistent/codex",
+    unwell = settings.with_overrides(ollama_url=fake_ollama.url, codex_bin="/nonexistent/codex",
                                      general_model="llama3.2", code_model="qwen3-coder")
     async with Client(build_server(unwell, pool=False)) as c:
         doc = await read_json(c, "koubou://health")

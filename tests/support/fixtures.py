@@ -1,0 +1,102 @@
+"""The shared fixtures: a private KOUBOU_HOME per test, settings, stores on SQLite and PostgreSQL,
+and a stand-in Ollama. The root ``conftest.py`` registers this module as a pytest plugin.
+
+PostgreSQL tests use ``KOUBOU_TEST_DATABASE_URL`` (``.ci/run`` sets it); each test gets its own
+schema, dropped afterwards. Without the variable they skip and say why.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from koubou_mcp.config import Settings
+from koubou_mcp.store import Store, open_store
+from tests.fakes.ollama_server import FakeOllama
+
+PG_URL = os.environ.get("KOUBOU_TEST_DATABASE_URL", "")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def settings(home: Path) -> Settings:
+    """Settings on a private home, with short intervals so tests move quickly."""
+    return Settings.from_env(
+        {}, home=str(home), heartbeat_s=0.2, lease_s=3.0, poll_s=0.5, retry_base_s=0.05,
+        retry_max_s=0.2, idle_timeout_s=1.0, drain_grace_s=5.0,
+    )
+
+
+def _pg_schema_url(base: str, schema: str) -> str:
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema of this test's own."""
+    if not PG_URL:
+        pytest.skip("PostgreSQL tests need KOUBOU_TEST_DATABASE_URL "
+                    "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
+    import psycopg
+
+    schema = f"t_{secrets.token_hex(6)}"
+    plain = PG_URL.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield _pg_schema_url(PG_URL, schema)
+    finally:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """Settings for each store: the same contract tests run on SQLite and PostgreSQL."""
+    if request.param == "sqlite":
+        return settings
+    url = request.getfixturevalue("pg_url")
+    return settings.with_overrides(database_url=url)
+
+
+def _opened(settings: Settings) -> Iterator[Store]:
+    s = open_store(settings.database_url, settings.run_dir)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def store(store_settings: Settings) -> Iterator[Store]:
+    """The store of each kind in turn (SQLite, then PostgreSQL)."""
+    yield from _opened(store_settings)
+
+
+@pytest.fixture
+def sqlite_store(settings: Settings) -> Iterator[Store]:
+    """The SQLite store of ``settings``, for tests that are about something else than storage."""
+    yield from _opened(settings)
+
+
+@pytest.fixture
+def fake_ollama() -> Iterator[FakeOllama]:
+    """A stand-in Ollama in this process, serving the default model."""
+    with FakeOllama(models=["gpt-oss:20b"]) as fake:
+        yield fake
