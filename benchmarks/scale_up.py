@@ -47,9 +47,10 @@ from benchmarks.common import (
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
 from koubou_mcp.models import utcnow
+from koubou_mcp.pool import PoolHandle, start_in_thread
 from koubou_mcp.scaling import Decision, Limits, Snapshot
 from koubou_mcp.store import Store, open_store
-from koubou_mcp.supervisor import PoolHandle, Tuning, start_in_thread
+from koubou_mcp.supervisor import Tuning
 from tests.support.waiting import wait_until
 
 NAME = "scale_up"

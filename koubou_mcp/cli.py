@@ -10,12 +10,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import httpx
 
@@ -30,7 +31,9 @@ from koubou_mcp.config import (
     Settings,
     make_private_dir,
 )
+from koubou_mcp.leader import LOCK_FILE, PID_FILE, lock_is_held, read_holder
 from koubou_mcp.models import FINAL_STATUSES, TaskStatus, utcnow
+from koubou_mcp.processes import process_cmdline, wait_gone
 from koubou_mcp.store import Store, StoreError, open_store
 
 log = logging.getLogger("koubou_mcp")
@@ -380,17 +383,66 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_pool(args: argparse.Namespace) -> int:
     settings = _settings(args)  # validate before importing anything heavy
-    from koubou_mcp.supervisor import run_pool
+    from koubou_mcp.pool import run_pool
 
     setup_logging(settings, settings.logs_dir / "worker_pool.log", stderr_level=logging.INFO)
     return run_pool(settings)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    settings = _settings(args)  # validate before importing anything heavy
-    from koubou_mcp.supervisor import stop_pool
+    return stop_pool(_settings(args), args.timeout)
 
-    return stop_pool(settings, args.timeout)
+
+def stop_pool(settings: Settings, timeout_s: float, *, out: TextIO | None = None,
+              err: TextIO | None = None) -> int:
+    """``koubou-mcp stop``: SIGTERM the ``koubou-mcp pool`` of this home and wait for it to
+    drain. After ``timeout_s`` it is asked again (which forces). Exit code 0 once it is gone;
+    1 when no pool runs, the pid is not a koubou-mcp pool, or it would not stop."""
+    from koubou_mcp.pool import POOL_LOG
+    from koubou_mcp.supervisor import Tuning
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    lock, pid_file = settings.run_dir / LOCK_FILE, settings.run_dir / PID_FILE
+    if not lock_is_held(settings.run_dir):
+        print(f"koubou-mcp: no pool is running for {settings.home} (nothing holds {lock})",
+              file=err)
+        return EXIT_FAILED
+    holder = read_holder(settings.run_dir)
+    if holder is None:
+        print(f"koubou-mcp: a supervisor holds {lock} but {pid_file} is missing or unreadable; "
+              "cannot tell which process to stop", file=err)
+        return EXIT_FAILED
+    if holder.role != "pool":
+        print(f"koubou-mcp: the pool for {settings.home} runs inside a koubou-mcp {holder.role} "
+              f"(pid {holder.pid}); it stops when that process exits", file=err)
+        return EXIT_FAILED
+    cmdline = process_cmdline(holder.pid)
+    if cmdline is not None and not any("koubou" in arg for arg in cmdline):
+        print(f"koubou-mcp: pid {holder.pid} in {pid_file} is not koubou-mcp "
+              f"({' '.join(cmdline)[:120]}); not signalling it", file=err)
+        return EXIT_FAILED
+    try:
+        os.kill(holder.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        print(f"the pool (pid {holder.pid}) had already stopped", file=out)
+        return EXIT_OK
+    print(f"stopping the pool (pid {holder.pid}); running tasks get up to "
+          f"{settings.drain_grace_s:g}s to finish", file=out, flush=True)
+    if wait_gone(holder.pid, timeout_s):
+        print("pool stopped", file=out)
+        return EXIT_OK
+    print(f"koubou-mcp: the pool did not stop within {timeout_s:g}s; forcing it (running tasks "
+          "go back to the queue)", file=err, flush=True)
+    with suppress(ProcessLookupError):
+        os.kill(holder.pid, signal.SIGTERM)  # a second SIGTERM forces
+    tuning = Tuning()
+    if wait_gone(holder.pid, tuning.force_wait_s + tuning.drain_margin_s + 10.0):
+        print("pool stopped (forced)", file=out)
+        return EXIT_OK
+    print(f"koubou-mcp: the pool (pid {holder.pid}) is still running; see "
+          f"{settings.logs_dir / POOL_LOG}", file=err)
+    return EXIT_FAILED
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

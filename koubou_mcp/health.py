@@ -31,9 +31,9 @@ from koubou_mcp import __version__, queue
 from koubou_mcp.backends.codex import CodexBackend
 from koubou_mcp.backends.ollama import OllamaBackend, model_present
 from koubou_mcp.config import Settings
+from koubou_mcp.leader import lock_is_held, read_holder
 from koubou_mcp.models import TaskStatus, WorkerStatus, utcnow
 from koubou_mcp.store import Store, StoreError, open_store
-from koubou_mcp.supervisor import lock_is_held, read_holder
 
 #: How long a health read waits for Ollama before calling it unreachable, s
 OLLAMA_PROBE_TIMEOUT_S = 2.0

@@ -1,13 +1,17 @@
-"""The statistics block of the seed's Worker Pool Manager, as text."""
+"""The statistics block of the seed's Worker Pool Manager, as text, and the pool's log of it."""
 
 from __future__ import annotations
 
+import logging
+from datetime import datetime, timedelta
 from itertools import groupby
 
 from koubou_mcp.models import TaskStatus, WorkerSnapshot
 from koubou_mcp.queue import Stats
 
 RULE = "=" * 50
+#: a child of the supervisor's logger, so the pool log receives it
+STATS_LOGGER_NAME = "koubou_mcp.supervisor.stats"
 
 
 def _worker_line(w: WorkerSnapshot) -> str:
@@ -36,3 +40,33 @@ def stats_block(stats: Stats) -> str:
         lines.append(f"  • average run time: {stats.avg_duration_s:.2f} s")
     lines.append(RULE)
     return "\n".join(lines)
+
+
+class StatsLog:
+    """The statistics block, written to the pool log every ``interval_s``.
+
+    Its records carry ``koubou_home`` (several pools may share a process, in tests) and go out
+    at INFO whatever the configured log level: the block is the pool log's reason to exist.
+    Time is an argument: the first ``due`` only starts the interval.
+    """
+
+    def __init__(self, home: str, interval_s: float) -> None:
+        logger = logging.getLogger(STATS_LOGGER_NAME)
+        logger.setLevel(logging.INFO)
+        self.log = logging.LoggerAdapter(logger, {"koubou_home": home})
+        self.interval_s = interval_s
+        self._next: datetime | None = None
+
+    def restart(self) -> None:
+        """Begin a new interval at the next ``due`` (a supervisor that just took the lead)."""
+        self._next = None
+
+    def due(self, now: datetime) -> bool:
+        if self._next is None:
+            self._next = now + timedelta(seconds=self.interval_s)
+            return False
+        return now >= self._next
+
+    def write(self, stats: Stats, now: datetime) -> None:
+        self.log.info("pool statistics\n%s", stats_block(stats))
+        self._next = now + timedelta(seconds=self.interval_s)

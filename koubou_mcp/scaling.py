@@ -15,15 +15,18 @@ The rule (the seed's, made to reach its target in one step):
   (the seed shrinks only when nothing is pending), never below ``max(min, desired)``, longest
   idle first. A busy worker is never stopped to scale down.
 
-Workers that keep dying at start-up are restarted after ``crash_backoff_s`` (exponential,
-capped); the supervisor applies that delay, the policy stays about counts.
+Workers that keep dying at start-up are restarted one at a time after ``crash_backoff_s``
+(exponential, capped): ``CrashBackoff`` keeps that count apart from ``decide``, which stays about
+counts; the supervisor asks both.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 #: ``ceil`` of a quotient of floats may land a hair above an integer (3 / 0.1 = 30.000…04)
@@ -97,6 +100,39 @@ class Decision:
                 "reason": self.reason}
 
 
+class DecisionLog:
+    """The decisions a supervisor applied: the last one, the latest that changed something
+    (newest last), and running totals for /metrics: the decisions that started workers
+    (scale-up events) or retired some (scale-down events), and how many workers."""
+
+    def __init__(self, keep: int = 200) -> None:
+        self.last: Decision | None = None
+        self.history: deque[tuple[datetime, Decision]] = deque(maxlen=keep)
+        self.totals = {"up_events": 0, "down_events": 0, "workers_started": 0,
+                       "workers_retired": 0}
+
+    def record(self, now: datetime, decision: Decision, *, started: int, retired: int) -> None:
+        """``decision``, applied at ``now``, started ``started`` workers and retired
+        ``retired``."""
+        self.last = decision
+        if decision.changes:
+            self.history.append((now, decision))
+        self.totals["workers_started"] += started
+        self.totals["workers_retired"] += retired
+        self.totals["up_events"] += 1 if started else 0
+        self.totals["down_events"] += 1 if retired else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The pool health's view: the last decision, the last change, the totals."""
+        change = self.history[-1] if self.history else None
+        return {
+            "last_decision": self.last.as_dict() if self.last else None,
+            "last_change": ({"at": change[0].isoformat() + "Z", **change[1].as_dict()}
+                            if change else None),
+            "scaling": dict(self.totals),
+        }
+
+
 def desired_workers(ready_pending: int, busy: int, limits: Limits) -> int:
     """How many workers the load calls for, within ``[min, max]``."""
     wanted = max(busy, math.ceil(ready_pending / limits.scale_up_threshold - _EPSILON))
@@ -133,6 +169,10 @@ def decide(snapshot: Snapshot, limits: Limits) -> Decision:
     return Decision(desired, 0, retire, reason)
 
 
+#: a scaling rule; ``decide`` is the pool's (a benchmark runs the seed's through the same pool)
+Policy = Callable[[Snapshot, Limits], Decision]
+
+
 def crash_backoff_s(failures: int, base_s: float = 1.0, cap_s: float = 60.0) -> float:
     """Delay before the next start after ``failures`` start-up failures in a row.
 
@@ -142,6 +182,72 @@ def crash_backoff_s(failures: int, base_s: float = 1.0, cap_s: float = 60.0) -> 
         return 0.0
     # min() on the exponent first keeps 2**n from overflowing for absurd counts
     return float(min(cap_s, base_s * 2 ** min(failures - 1, 62)))
+
+
+class CrashBackoff:
+    """Start-up failures in a row, and what they allow: the crash-loop brake of the pool.
+
+    While workers keep dying before they are ready, the pool starts one at a time (a probe),
+    each ``crash_backoff_s(failures)`` after the last failure; the first worker that gets ready
+    clears it. Like ``decide`` it never reads the clock: ``now`` is an argument.
+    """
+
+    def __init__(self, base_s: float = 1.0, cap_s: float = 60.0) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.failures = 0
+        self.last_failure_at: datetime | None = None
+        self.last_failure: str | None = None
+        self._announced_for = 0
+
+    @property
+    def active(self) -> bool:
+        return self.failures > 0
+
+    @property
+    def delay_s(self) -> float:
+        """The wait after the last failure before the next start."""
+        return crash_backoff_s(self.failures, self.base_s, self.cap_s)
+
+    def failed(self, now: datetime, message: str) -> None:
+        """A worker failed to start at ``now``; ``message`` says how."""
+        self.failures += 1
+        self.last_failure_at = now
+        self.last_failure = message
+
+    def clear(self) -> bool:
+        """A worker started fine: forget the failures. True when there were some."""
+        had = self.active
+        self.failures = self._announced_for = 0
+        return had
+
+    def next_start_in_s(self, now: datetime) -> float:
+        if not self.active or self.last_failure_at is None:
+            return 0.0
+        return max(0.0, self.delay_s - (now - self.last_failure_at).total_seconds())
+
+    def allowed_starts(self, wanted: int, now: datetime, *, probing: bool) -> int:
+        """How many of ``wanted`` starts may happen at ``now``: all of them without failures;
+        else one once the delay is over and no probe (``probing``) is still starting."""
+        if wanted <= 0 or not self.active:
+            return max(wanted, 0)
+        if probing or self.next_start_in_s(now) > 0:
+            return 0
+        return 1
+
+    def first_wait(self, now: datetime) -> bool:
+        """True the first time a start has to wait out the delay of this failure count (so
+        the wait is logged once, not every tick)."""
+        if self.next_start_in_s(now) <= 0 or self._announced_for == self.failures:
+            return False
+        self._announced_for = self.failures
+        return True
+
+    def as_dict(self, now: datetime) -> dict[str, Any]:
+        """The ``crash_loop`` part of the pool's health."""
+        return {"active": self.active, "failures_in_a_row": self.failures,
+                "backoff_s": self.delay_s, "next_start_in_s": round(self.next_start_in_s(now), 3),
+                "last_failure": self.last_failure}
 
 
 def _check(snapshot: Snapshot, limits: Limits) -> None:

@@ -186,7 +186,7 @@ TaskId = Annotated[str, Field(description="a task id from delegate_task or list_
 # -- the pool -----------------------------------------------------------------------------
 
 class PoolHandle(Protocol):
-    """What the server needs from the pool supervisor it runs (``supervisor.PoolHandle``)."""
+    """What the server needs from the pool supervisor it runs (``pool.PoolHandle``)."""
 
     def stop(self, drain: bool = True, timeout_s: float | None = None) -> bool: ...
 
@@ -196,9 +196,9 @@ class PoolHandle(Protocol):
 def start_pool(settings: Settings) -> PoolHandle:
     """Run the scaling supervisor for this home in a thread of this process. When another
     process supervises the home already, this one stands by and takes over if it goes away."""
-    from koubou_mcp import supervisor
+    from koubou_mcp import pool
 
-    return supervisor.start_in_thread(settings, role="server")
+    return pool.start_in_thread(settings, role="server")
 
 
 # -- server state -------------------------------------------------------------------------

@@ -176,3 +176,38 @@ class PostgresWakeup:
 
     def listen(self, name: str) -> PostgresListener:
         return PostgresListener(self.engine, self.channel)
+
+
+class SelfPipe:
+    """A pipe to wake one's own wait: ``poke`` is safe in a signal handler and from any thread
+    (a stop request wakes a sleeping supervisor at once)."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._closed = False
+
+    def poke(self) -> None:
+        if not self._closed:
+            with contextlib.suppress(OSError):
+                os.write(self._w, b"!")
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block until poked or ``timeout_s`` passes. True when poked."""
+        try:
+            ready, _, _ = select.select([self._r], [], [], max(timeout_s, 0.0))
+        except (InterruptedError, OSError):
+            return False
+        if ready:
+            with contextlib.suppress(OSError):
+                while os.read(self._r, 4096):
+                    pass
+        return bool(ready)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            for fd in (self._r, self._w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)

@@ -31,7 +31,7 @@ from koubou_mcp.backends.base import (
     TransientBackendError,
     bound_result,
 )
-from koubou_mcp.config import make_private_dir
+from koubou_mcp.processes import GroupLedger
 
 #: How much of stderr goes into a ``codex_exit`` error message.
 STDERR_EXCERPT_CHARS = 2000
@@ -96,9 +96,9 @@ class CodexBackend:
         self.kill_grace_s = kill_grace_s
         self.probe_timeout_s = probe_timeout_s
         self.output_dir = output_dir  # where the -o files go (None: the system temp dir)
-        # One empty file per running Codex process group, named by its id, so whoever reaps a
-        # worker that was SIGKILLed (its own session dies with it, Codex's does not) can kill
-        # the orphaned tree too (see supervisor.kill_orphaned_groups).
+        # Where each running Codex process group is noted (``processes.GroupLedger``), so
+        # whoever reaps a worker that was SIGKILLed (its own session dies with it, Codex's does
+        # not) can kill the orphaned tree too.
         self.groups_dir = groups_dir
         self._env = dict(os.environ if env is None else env)
         self._env["CODEX_OSS_BASE_URL"] = oss_base_url(ollama_url)
@@ -297,29 +297,16 @@ async def _run_process(
                 f"cannot start {argv[0]!r}: {exc}; {_INSTALL_HINT}", kind="codex_missing"
             ) from exc
         raise TransientBackendError(f"cannot start {argv[0]!r}: {exc}", kind="spawn_failed") from exc
-    marker = _record_group(groups_dir, process.pid)
+    ledger = GroupLedger(Path(groups_dir)) if groups_dir is not None else None
+    noted = ledger is not None and ledger.record(process.pid)
     try:
         returncode = await _communicate(process, stdin_data, stdout, stderr)
     finally:
         with anyio.CancelScope(shield=True):
             await _stop_process_group(process, kill_grace_s)
-        if marker is not None:
-            with suppress(FileNotFoundError):
-                os.unlink(marker)
+        if ledger is not None and noted:
+            ledger.forget(process.pid)
     return returncode, stdout, stderr
-
-
-def _record_group(groups_dir: str | None, pgid: int) -> str | None:
-    """Note a running process group in ``groups_dir`` (best effort; None when not kept)."""
-    if groups_dir is None:
-        return None
-    try:
-        make_private_dir(Path(groups_dir))
-        marker = os.path.join(groups_dir, str(pgid))
-        os.close(os.open(marker, os.O_CREAT | os.O_WRONLY, 0o600))
-    except OSError:
-        return None
-    return marker
 
 
 async def _communicate(

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from koubou_mcp.config import Settings
+from koubou_mcp.models import utcnow
+from koubou_mcp.pool import PoolHandle, drain, start_in_thread
 from koubou_mcp.store import Store
-from koubou_mcp.supervisor import PoolHandle, Supervisor, Tuning, start_in_thread
+from koubou_mcp.supervisor import Supervisor, Tuning
 from tests.fakes.ollama_server import FakeOllama
 from tests.support.processes import PoolProcesses
 from tests.support.procfs import kill_workers
@@ -59,8 +61,8 @@ def in_process_supervisor(sqlite_store: Store, pool_settings: Settings
     finally:
         for supervisor in made:
             with contextlib.suppress(Exception):
-                supervisor.stop_workers(force=True)
-            supervisor.close()
+                drain(supervisor, force=True)
+            supervisor.close(utcnow())
         kill_workers(pool_settings.home)
 
 

@@ -18,20 +18,19 @@ from pathlib import Path
 import pytest
 
 from koubou_mcp import queue
+from koubou_mcp.cli import stop_pool
 from koubou_mcp.config import Settings
+from koubou_mcp.leader import read_holder
 from koubou_mcp.models import TaskStatus, WorkerStatus, utcnow
+from koubou_mcp.pool import PoolHandle
 from koubou_mcp.store import Store
-from koubou_mcp.supervisor import PoolHandle, Supervisor, read_holder, stop_pool
+from koubou_mcp.supervisor import Supervisor
 from tests.fakes.ollama_server import FakeOllama
 from tests.support.paths import FAKE_CODEX_PATH, REPO_ROOT
 from tests.support.processes import PoolProcesses
 from tests.support.procfs import parent_pid, pid_alive, worker_processes
+from tests.support.tasks import submit
 from tests.support.waiting import wait_until
-
-
-def submit(store: Store, settings: Settings, n: int = 1, **fields: object) -> list[queue.TaskSnapshot]:
-    return [queue.enqueue(store, queue.validate_request(settings, f"task {i}", **fields),
-                          settings, utcnow()).task for i in range(n)]
 
 
 def tick_until(supervisor: Supervisor, predicate: Callable[[], object], timeout: float,
@@ -72,7 +71,7 @@ def test_a_burst_grows_the_pool_to_max_in_one_decision_then_idle_workers_retire_
                "three workers running tasks at once")
     tick_until(supervisor, lambda: queue.counts_by_status(sqlite_store)["completed"] == 12, 20,
                "all tasks to complete")
-    spawned = [d.spawn for _, d in supervisor.history if d.spawn]
+    spawned = [d.spawn for _, d in supervisor.decisions.history if d.spawn]
     assert spawned == [1, 2]  # the minimum at start, then the whole burst at once
     workers = {m["worker_id"]: m["pid"] for m in supervisor.health()["managed"]}
     assert len(workers) == 3

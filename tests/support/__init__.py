@@ -5,7 +5,9 @@
 - ``waiting``: waiting on a condition with a deadline (``wait_until``, ``async_wait_until``).
 - ``procfs``: reading /proc (``pid_alive``, ``worker_processes``, ``parent_pid``, ``kill_workers``).
 - ``processes``: starting and always stopping real processes (workers, pools, the CLI).
-- ``tasks``: reading the queue the way tests do (``ended``).
+- ``tasks``: reading and filling the queue the way tests do (``ended``, ``submit``).
+- ``pool_doubles``: stand-in worker processes for driving a supervisor by hand
+  (``FakeProcess``, ``FakeLauncher``, ``become_ready``).
 - ``fixtures``: the shared pytest fixtures (a private home, settings, stores, a stand-in Ollama);
   the root ``conftest.py`` registers them.
 

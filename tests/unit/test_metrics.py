@@ -14,11 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
 from koubou_mcp.metrics import FinishedTally, Histogram, StoreCollector, build_registry
-from koubou_mcp.models import WorkerStatus
+from koubou_mcp.models import WorkerStatus, utcnow
 from koubou_mcp.queue import FinishedTask
 from koubou_mcp.store import Store
 from koubou_mcp.supervisor import Supervisor, Tuning
-from tests.unit.test_supervisor_ticks import FakeLauncher, become_ready
+from tests.support.pool_doubles import FakeLauncher, become_ready
 
 T0 = datetime(2026, 11, 28, 12, 0, 0)
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -169,7 +169,7 @@ def sup(settings: Settings, sqlite_store: Store) -> Iterator[tuple[Supervisor, F
                             tuning=Tuning(wake_on_work=False))
     assert supervisor.try_lead()
     yield supervisor, launcher
-    supervisor.close()
+    supervisor.close(utcnow())
 
 
 def test_the_supervisor_counts_scale_up_and_scale_down_events_and_workers(

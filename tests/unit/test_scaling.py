@@ -6,6 +6,7 @@ The policy is pure, so "time" here is just the idle seconds handed to it.
 from __future__ import annotations
 
 import math
+from datetime import datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +14,9 @@ from hypothesis import strategies as st
 
 from koubou_mcp.config import Settings
 from koubou_mcp.scaling import (
+    CrashBackoff,
     Decision,
+    DecisionLog,
     IdleWorker,
     PoolLimits,
     Snapshot,
@@ -225,3 +228,71 @@ def test_crash_backoff_is_exponential_and_capped(failures: int) -> None:
 
 def test_crash_backoff_sequence() -> None:
     assert [crash_backoff_s(n, 0.5, 5) for n in range(7)] == [0, 0.5, 1, 2, 4, 5, 5]
+
+
+# -- the crash-loop brake ----------------------------------------------------------------------
+
+def _t(seconds: float) -> datetime:
+    return datetime(2026, 1, 1) + timedelta(seconds=seconds)
+
+
+def test_without_failures_every_wanted_start_is_allowed() -> None:
+    backoff = CrashBackoff()
+    assert not backoff.active and backoff.delay_s == 0
+    assert backoff.allowed_starts(4, _t(0), probing=True) == 4
+    assert backoff.allowed_starts(0, _t(0), probing=False) == 0
+    assert not backoff.first_wait(_t(0))
+
+
+def test_after_failures_one_probe_starts_once_the_delay_is_over() -> None:
+    backoff = CrashBackoff(base_s=1.0, cap_s=60.0)
+    backoff.failed(_t(10), "exited with code 1")
+    assert backoff.allowed_starts(5, _t(10.5), probing=False) == 0
+    assert backoff.next_start_in_s(_t(10.5)) == 0.5
+    assert backoff.allowed_starts(5, _t(11), probing=False) == 1
+    assert backoff.allowed_starts(5, _t(11), probing=True) == 0  # the probe still starts
+    backoff.failed(_t(12), "exited with code 1")
+    assert backoff.delay_s == 2
+    assert backoff.allowed_starts(5, _t(13.9), probing=False) == 0
+    assert backoff.allowed_starts(5, _t(14), probing=False) == 1
+
+
+def test_the_wait_is_announced_once_per_failure_count() -> None:
+    backoff = CrashBackoff()
+    backoff.failed(_t(0), "boom")
+    assert backoff.first_wait(_t(0.2))
+    assert not backoff.first_wait(_t(0.4))
+    assert not backoff.first_wait(_t(5))  # over: nothing to announce
+    backoff.failed(_t(5), "boom again")
+    assert backoff.first_wait(_t(5.1))
+
+
+def test_a_worker_that_starts_fine_clears_the_brake() -> None:
+    backoff = CrashBackoff()
+    assert not backoff.clear()
+    backoff.failed(_t(0), "boom")
+    backoff.failed(_t(1), "boom")
+    assert backoff.as_dict(_t(2)) == {"active": True, "failures_in_a_row": 2, "backoff_s": 2.0,
+                                      "next_start_in_s": 1.0, "last_failure": "boom"}
+    assert backoff.clear()
+    assert not backoff.active and backoff.allowed_starts(3, _t(2), probing=True) == 3
+    assert backoff.as_dict(_t(2))["next_start_in_s"] == 0
+
+
+def test_the_decision_log_keeps_the_last_decision_the_changes_and_the_totals() -> None:
+    log = DecisionLog(keep=2)
+    assert log.as_dict() == {"last_decision": None, "last_change": None,
+                             "scaling": {"up_events": 0, "down_events": 0, "workers_started": 0,
+                                         "workers_retired": 0}}
+    grow = Decision(3, 2, (), "grow")
+    log.record(_t(1), grow, started=2, retired=0)
+    steady = Decision(3, 0, (), "steady")
+    log.record(_t(2), steady, started=0, retired=0)
+    assert log.last == steady and list(log.history) == [(_t(1), grow)]
+    log.record(_t(3), Decision(1, 0, ("w1", "w2"), "shrink"), started=0, retired=2)
+    log.record(_t(4), Decision(2, 1, (), "probe"), started=0, retired=0)  # a start refused
+    assert [d.reason for _, d in log.history] == ["shrink", "probe"]  # the oldest fell out
+    document = log.as_dict()
+    assert document["last_change"]["at"] == _t(4).isoformat() + "Z"
+    assert document["scaling"] == {"up_events": 1, "down_events": 1, "workers_started": 2,
+                                   "workers_retired": 2}

@@ -7,74 +7,27 @@ worker rows that real workers would write are written with the queue's own funct
 
 from __future__ import annotations
 
-import io
-import itertools
-import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import pytest
 
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
+from koubou_mcp.leader import LOCK_FILE, lock_is_held, read_holder
 from koubou_mcp.models import TaskStatus, WorkerStatus
+from koubou_mcp.processes import Phase
 from koubou_mcp.store import Store
-from koubou_mcp.supervisor import (
-    LOCK_FILE,
-    Phase,
-    Supervisor,
-    Tuning,
-    lock_is_held,
-    read_holder,
-    stop_pool,
-)
+from koubou_mcp.supervisor import Supervisor, Tuning
+from tests.support.pool_doubles import FakeLauncher, become_ready
+from tests.support.tasks import submit
 
 T0 = datetime(2026, 11, 28, 12, 0, 0)
-_pids = itertools.count(900_000)
 
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
-
-
-@dataclass
-class FakeProcess:
-    """A worker process that exits only when the test (or a signal it obeys) says so."""
-
-    worker_id: str
-    pid: int = field(default_factory=lambda: next(_pids))
-    code: int | None = None
-    obeys_sigterm: bool = True
-    signals: list[str] = field(default_factory=list)
-
-    def poll(self) -> int | None:
-        return self.code
-
-    def terminate(self) -> None:
-        self.signals.append("TERM")
-        if self.obeys_sigterm and self.code is None:
-            self.code = 0
-
-    def kill(self) -> None:
-        self.signals.append("KILL")
-        if self.code is None:
-            self.code = -9
-
-
-class FakeLauncher:
-    def __init__(self) -> None:
-        self.started: list[FakeProcess] = []
-        self.fail_with: OSError | None = None
-        self.obey_sigterm = True
-
-    def __call__(self, worker_id: str) -> FakeProcess:
-        if self.fail_with is not None:
-            raise self.fail_with
-        process = FakeProcess(worker_id, obeys_sigterm=self.obey_sigterm)
-        self.started.append(process)
-        return process
 
 
 @pytest.fixture
@@ -96,19 +49,7 @@ def sup(pool_settings: Settings, store: Store, launcher: FakeLauncher
                                           drain_margin_s=0.3))
     assert supervisor.try_lead()
     yield supervisor
-    supervisor.close()
-
-
-def become_ready(store: Store, process: FakeProcess, now: datetime) -> None:
-    """What a real worker does when it starts: register, then report idle."""
-    queue.register_worker(store, process.worker_id, process.pid, now)
-    queue.set_worker_status(store, process.worker_id, WorkerStatus.IDLE, now)
-
-
-def submit(store: Store, settings: Settings, n: int = 1, now: datetime = T0,
-           **fields: object) -> list[queue.TaskSnapshot]:
-    return [queue.enqueue(store, queue.validate_request(settings, f"task {i}", **fields),
-                          settings, now).task for i in range(n)]
+    supervisor.close(at(3600))
 
 
 def test_an_empty_pool_starts_the_minimum_and_counts_starters_as_capacity(
@@ -216,7 +157,7 @@ def test_a_worker_that_never_gets_ready_is_killed_as_a_failed_start(
         assert launcher.started[0].signals == ["KILL"]
         assert sup.health()["crash_loop"]["failures_in_a_row"] == 1
     finally:
-        sup.close()
+        sup.close(at(7))
 
 
 def test_idle_workers_retire_after_the_timeout_longest_idle_first(
@@ -294,36 +235,6 @@ def test_expired_leases_of_unknown_workers_are_recovered_and_silent_rows_go_offl
     assert row is not None and row.status == WorkerStatus.OFFLINE
 
 
-def test_statistics_go_to_worker_pool_log_even_without_logging_set_up(
-    sup: Supervisor, pool_settings: Settings, store: Store
-) -> None:
-    submit(store, pool_settings, 2, now=at(0))
-    sup.tick(at(0))
-    sup.tick(at(pool_settings.stats_interval_s + 0.1))
-    text = (pool_settings.logs_dir / "worker_pool.log").read_text()
-    assert "Worker Pool Statistics" in text and "Active Workers:" in text
-    assert "  • pending: 2 tasks" in text
-    assert (pool_settings.logs_dir / "worker_pool.log").stat().st_mode & 0o777 == 0o600
-
-
-def test_stop_workers_drains_then_forces_then_kills(
-    sup: Supervisor, launcher: FakeLauncher, store: Store, pool_settings: Settings
-) -> None:
-    launcher.obey_sigterm = False
-    sup.tick(at(0))
-    process = launcher.started[0]
-    become_ready(store, process, at(0))
-    (task,) = submit(store, pool_settings, now=at(0))
-    queue.claim_next(store, process.worker_id, at(0), pool_settings.lease_s)
-    sup.tick(at(0.5))
-
-    sup.stop_workers(force=True)
-
-    assert process.signals == ["TERM", "TERM", "KILL"]
-    assert sup.workers == {}
-    assert queue.get_task(store, task.task_id).status == TaskStatus.PENDING
-
-
 def test_only_one_supervisor_leads_a_home_and_another_takes_over(
     pool_settings: Settings, store: Store, launcher: FakeLauncher
 ) -> None:
@@ -332,6 +243,7 @@ def test_only_one_supervisor_leads_a_home_and_another_takes_over(
     try:
         assert first.try_lead()
         assert not second.try_lead()
+        assert second.health()["leader_pid"] == os.getpid()  # a standby names the leader
         assert lock_is_held(pool_settings.run_dir)
         holder = read_holder(pool_settings.run_dir)
         assert holder is not None and (holder.pid, holder.role) == (os.getpid(), "pool")
@@ -344,42 +256,9 @@ def test_only_one_supervisor_leads_a_home_and_another_takes_over(
         holder = read_holder(pool_settings.run_dir)
         assert holder is not None and holder.role == "server"
     finally:
-        first.close()
-        second.close()
+        first.close(at(1))
+        second.close(at(1))
     assert (pool_settings.run_dir / LOCK_FILE).stat().st_mode & 0o777 == 0o600
-
-
-def test_stop_says_so_when_no_pool_runs(pool_settings: Settings) -> None:
-    out, err = io.StringIO(), io.StringIO()
-    assert stop_pool(pool_settings, 1.0, out=out, err=err) == 1
-    assert "no pool is running" in err.getvalue() and out.getvalue() == ""
-
-
-def test_stop_leaves_a_pool_hosted_by_a_server_alone(
-    pool_settings: Settings, store: Store
-) -> None:
-    hosted = Supervisor(pool_settings, store, role="server")
-    try:
-        assert hosted.try_lead()
-        err = io.StringIO()
-        assert stop_pool(pool_settings, 1.0, out=io.StringIO(), err=err) == 1
-        assert "inside a koubou-mcp server" in err.getvalue()
-    finally:
-        hosted.close()
-
-
-def test_stop_never_signals_a_process_that_is_not_koubou_mcp(
-    pool_settings: Settings, store: Store
-) -> None:
-    # the lock holder here is pytest itself, posing as a pool
-    impostor = Supervisor(pool_settings, store, role="pool")
-    try:
-        assert impostor.try_lead()
-        err = io.StringIO()
-        assert stop_pool(pool_settings, 1.0, out=io.StringIO(), err=err) == 1
-        assert "is not koubou-mcp" in err.getvalue() and "not signalling" in err.getvalue()
-    finally:
-        impostor.close()
 
 
 def test_a_phase_other_than_running_is_not_capacity(
@@ -393,16 +272,21 @@ def test_a_phase_other_than_running_is_not_capacity(
     assert sup.tick(at(1)).spawn == 1
 
 
-def test_the_pool_log_handler_is_removed_on_resign(
-    pool_settings: Settings, store: Store
+def test_closing_with_workers_left_kills_them_rather_than_leave_them_unsupervised(
+    sup: Supervisor, launcher: FakeLauncher, store: Store, pool_settings: Settings
 ) -> None:
-    logger = logging.getLogger("koubou_mcp.supervisor")
-    before = list(logger.handlers)
-    sup = Supervisor(pool_settings, store)
-    assert sup.try_lead()
-    assert len(logger.handlers) == len(before) + 1
-    sup.close()
-    assert logger.handlers == before
+    launcher.obey_sigterm = False
+    sup.tick(at(0))
+    process = launcher.started[0]
+    become_ready(store, process, at(0))
+    (task,) = submit(store, pool_settings, now=at(0))
+    queue.claim_next(store, process.worker_id, at(0), pool_settings.lease_s)
+
+    sup.close(at(1))
+
+    assert process.signals == ["KILL"]
+    assert sup.workers == {} and not sup.is_leader
+    assert queue.get_task(store, task.task_id).status == TaskStatus.PENDING  # reaped: back
 
 
 def test_the_queue_functions_the_supervisor_adds(store: Store, pool_settings: Settings) -> None:

@@ -11,7 +11,7 @@ from koubou_mcp import queue
 from koubou_mcp.config import Settings
 from koubou_mcp.models import utcnow
 from koubou_mcp.store import Store
-from koubou_mcp.wakeup import FifoWakeup
+from koubou_mcp.wakeup import FifoWakeup, SelfPipe
 
 
 def test_enqueue_wakes_a_waiting_listener(store: Store, store_settings: Settings) -> None:
@@ -58,3 +58,17 @@ def test_a_pipe_nobody_reads_any_more_is_removed(tmp_path: Path) -> None:
 
 def test_notify_with_no_listeners_is_harmless(tmp_path: Path) -> None:
     FifoWakeup(tmp_path / "never-created").notify()
+
+
+def test_a_self_pipe_wakes_its_own_wait_and_is_harmless_once_closed() -> None:
+    pipe = SelfPipe()
+    assert not pipe.wait(0.01), "nothing happened yet"
+    pipe.poke()
+    pipe.poke()
+    assert pipe.wait(5)
+    assert not pipe.wait(0.01), "both pokes were consumed by one wake-up"
+    threading.Timer(0.05, pipe.poke).start()
+    assert pipe.wait(5)
+    pipe.close()
+    pipe.poke()  # after close: no error (a late signal handler)
+    pipe.close()
