@@ -277,11 +277,13 @@ def _read_prompt(arg: str) -> str:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    from koubou_mcp import service
+
     prompt = _read_prompt(args.prompt)
     try:
-        request = queue.validate_request(settings, prompt, args.type, args.priority,
-                                         args.timeout, args.idempotency_key)
-    except queue.InvalidTask as exc:
+        request = service.validate(settings, prompt, args.type, args.priority, args.timeout,
+                                   args.idempotency_key)
+    except service.InvalidRequest as exc:
         raise UsageError(str(exc)) from None
     with _opened(settings) as store:
         enqueued = queue.enqueue(store, request, settings, utcnow())
@@ -293,7 +295,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                     break
                 time.sleep(0.1)  # polling a local file is cheap; this is the CLI's own wait
                 task = queue.get_task(store, task.task_id)
-        record = queue.task_record(task, include_prompt=False)
+        record = service.TaskRecord.of(task, include_prompt=False).as_json()
         if args.json:
             _print_json(record)
         elif args.wait:
@@ -306,28 +308,31 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from koubou_mcp import service
+
     settings = _settings(args)
     with _opened(settings, create=False) as store:
         try:
-            task = queue.get_task(store, args.task_id)
-        except queue.TaskNotFound as exc:
+            record = service.read_task(store, args.task_id).as_json()
+        except service.TaskNotFound as exc:
             raise UsageError(str(exc)) from None
-        record = queue.task_record(task)
         _print_json(record) if args.json else print(_describe_task(record))
         return EXIT_OK
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
+    from koubou_mcp import service
+
     settings = _settings(args)
     if not 1 <= args.limit <= 1000:
         raise UsageError(f"--limit must be from 1 to 1000, got {args.limit}")
     with _opened(settings, create=False) as store:
+        if args.json:
+            records, counts = service.list_task_records(store, args.status, args.limit)
+            _print_json({"tasks": [r.as_json() for r in records], "counts": counts})
+            return EXIT_OK
         tasks = queue.list_tasks(store, args.status, args.limit)
         counts = queue.counts_by_status(store)
-        if args.json:
-            _print_json({"tasks": [queue.task_record(t, include_prompt=False) for t in tasks],
-                         "counts": counts})
-            return EXIT_OK
         for t in tasks:
             preview = " ".join(t.prompt.split())[:60]
             print(f"{t.task_id}  {t.status:<11}  {t.type:<7}  p{t.priority:<2}  {preview}")
@@ -336,19 +341,20 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from koubou_mcp import service
+
     settings = _settings(args)
     with _opened(settings, create=False) as store:
         try:
-            task = queue.cancel(store, args.task_id, utcnow())
-        except (queue.TaskNotFound, queue.TaskStateError) as exc:
+            record = service.cancel_task(store, args.task_id, utcnow())
+        except (service.TaskNotFound, service.TaskFinished) as exc:
             raise UsageError(str(exc)) from None
-        record = queue.task_record(task, include_prompt=False)
         if args.json:
-            _print_json(record)
+            _print_json(record.as_json())
         else:
-            state = ("cancelled" if task.status == TaskStatus.CANCELLED.value
+            state = ("cancelled" if record.status == TaskStatus.CANCELLED.value
                      else "cancel requested; its worker stops it within about a second")
-            print(f"{task.task_id}: {state}")
+            print(f"{record.task_id}: {state}")
         return EXIT_OK
 
 
@@ -447,7 +453,7 @@ def stop_pool(settings: Settings, timeout_s: float, *, out: TextIO | None = None
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)  # validate before importing anything heavy
-    from koubou_mcp.server import run_server
+    from koubou_mcp.serve import run_server
 
     # Over stdio, stderr ends up in the client's logs: warnings only. Over HTTP it is the
     # terminal of whoever started the server: say where it listens.

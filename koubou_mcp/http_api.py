@@ -15,8 +15,9 @@ plus ``"field"`` when one field is to blame):
 * ``GET /workers``: live workers, with counts by status and host.
 * ``GET /metrics``: Prometheus text (``metrics.py``).
 
-The checks of the fields are those of the MCP tools (``queue.validate_request``), so the
-messages are the same.
+The checks of the fields are those of the MCP tools (``service.validate``), so the messages
+are the same. The routes call :class:`koubou_mcp.service.Service`; its errors become statuses
+(``STATUS_OF``).
 
 ``Guard`` wraps the whole application, MCP included:
 
@@ -46,21 +47,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from koubou_mcp import health as health_checks
-from koubou_mcp import queue
 from koubou_mcp.config import MIN_HTTP_TOKEN_CHARS, ConfigError, Settings
 from koubou_mcp.metrics import StoreCollector, build_registry, render
-from koubou_mcp.models import TaskSnapshot, TaskStatus, WorkerStatus, utcnow
-from koubou_mcp.server import (
+from koubou_mcp.models import TaskStatus
+from koubou_mcp.service import (
     MAX_LIST_LIMIT,
     MAX_SYNC_WAIT_S,
-    ServerState,
+    InvalidRequest,
+    Service,
+    ServiceError,
     StoreUnavailable,
-    TaskList,
-    default_wait_s,
-    in_thread,
-    submit,
-    task_summary,
+    TaskFinished,
+    TaskNotFound,
 )
 
 #: Room in a request body beyond the prompt itself (the other fields, JSON syntax), bytes
@@ -68,8 +66,6 @@ BODY_SLACK_BYTES = 64 * 1024
 #: The fields ``POST /task/delegate`` accepts, in the order its errors list them
 DELEGATE_FIELDS = ("prompt", "type", "priority", "sync", "timeout_s", "wait_s",
                    "idempotency_key")
-#: Fields ``queue.validate_request`` checks; its messages start with the field's name
-_VALIDATED = frozenset({"prompt", "type", "priority", "timeout_s", "idempotency_key"})
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -126,9 +122,20 @@ def _unauthorized(message: str) -> ApiError:
     return error
 
 
-def _field_of(message: str) -> str | None:
-    first = message.split(" ", 1)[0]
-    return first if first in _VALIDATED else None
+#: The HTTP status of each kind of service error
+STATUS_OF: dict[type[ServiceError], int] = {
+    InvalidRequest: 422, TaskNotFound: 404, TaskFinished: 409, StoreUnavailable: 503,
+}
+
+
+def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    status = next((code for kind, code in STATUS_OF.items() if isinstance(exc, kind)), 500)
+    body: dict[str, Any] = {"error": str(exc)}
+    if isinstance(exc, InvalidRequest) and exc.field is not None:
+        body["field"] = exc.field
+    if isinstance(exc, TaskNotFound | TaskFinished) and "task_id" in request.path_params:
+        body["task_id"] = request.path_params["task_id"]
+    return JSONResponse(body, status_code=status)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -268,23 +275,20 @@ def _json_errors(handler: Handler) -> Handler:
             return await handler(request)
         except ApiError as exc:
             return exc.response()
-        except StoreUnavailable as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503)
+        except ServiceError as exc:
+            return _service_error(request, exc)
 
     return wrapped
 
 
 class RestApi:
-    """The seed's REST API over the state of one MCP server (its store, settings and pool)."""
+    """The seed's REST API over a service (the one the MCP server beside it uses)."""
 
-    def __init__(self, state: ServerState,
-                 health: Callable[[], Awaitable[dict[str, Any]]]) -> None:
-        self.state = state
-        self.settings = state.settings
-        self._health = health
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.settings = service.settings
         self._registry = build_registry(StoreCollector(
-            state.settings, lambda: state.store,
-            lambda: state.pool.health() if state.pool is not None else None))
+            service.settings, lambda: service.store, service.pool_health))
 
     def endpoints(self) -> list[Endpoint]:
         routes = [
@@ -301,7 +305,7 @@ class RestApi:
     # -- routes --------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         _query(request, ())
-        document = await self._health()
+        document = await self.service.health()
         return JSONResponse(document, status_code=503 if document["status"] == "down" else 200)
 
     async def delegate(self, request: Request) -> Response:
@@ -313,12 +317,9 @@ class RestApi:
         if "prompt" not in body:
             raise ApiError(422, "prompt is required: everything the local model needs",
                            field="prompt")
-        try:
-            task_request = queue.validate_request(
-                self.settings, body["prompt"], body.get("type", "general"),
-                body.get("priority", 5), body.get("timeout_s"), body.get("idempotency_key"))
-        except queue.InvalidTask as exc:
-            raise ApiError(422, str(exc), field=_field_of(str(exc))) from None
+        task_request = self.service.validate(
+            body["prompt"], body.get("type", "general"), body.get("priority", 5),
+            body.get("timeout_s"), body.get("idempotency_key"))
         sync = body.get("sync", False)
         if not isinstance(sync, bool):
             raise ApiError(422, f"sync must be true or false, got {_json(sync)}", field="sync")
@@ -328,30 +329,24 @@ class RestApi:
                                    or not 0 <= wait_s <= MAX_SYNC_WAIT_S):
             raise ApiError(422, f"wait_s must be a number of seconds from 0 to "
                                 f"{MAX_SYNC_WAIT_S:g}, got {_json(wait_s)}", field="wait_s")
-        store = self.state.require_store()
+        self.service.require_store()
         limit = None
         if sync:
-            limit = default_wait_s(self.settings) if wait_s is None else float(wait_s)
-        result = await submit(store, self.settings, task_request, wait_s=limit)
+            limit = self.service.default_wait_s if wait_s is None else float(wait_s)
+        result = await self.service.submit(task_request, wait_s=limit)
         return JSONResponse(result.model_dump(mode="json"))
 
     async def status(self, request: Request) -> Response:
         params = _query(request, ("include_prompt",))
         include_prompt = _flag(params, "include_prompt")
-        task = await self._task(request)
-        return JSONResponse(queue.task_record(task, include_prompt=include_prompt))
+        record = await self.service.read(request.path_params["task_id"],
+                                         include_prompt=include_prompt)
+        return JSONResponse(record.as_json())
 
     async def cancel(self, request: Request) -> Response:
         _query(request, ())
-        task_id = request.path_params["task_id"]
-        store = self.state.require_store()
-        try:
-            task = await in_thread(lambda: queue.cancel(store, task_id, utcnow()))
-        except queue.TaskNotFound as exc:
-            raise ApiError(404, str(exc), task_id=task_id) from None
-        except queue.TaskStateError as exc:
-            raise ApiError(409, str(exc), task_id=task_id) from None
-        return JSONResponse(queue.task_record(task, include_prompt=False))
+        record = await self.service.cancel(request.path_params["task_id"])
+        return JSONResponse(record.as_json())
 
     async def tasks(self, request: Request) -> Response:
         params = _query(request, ("status", "limit"))
@@ -368,43 +363,18 @@ class RestApi:
         if not 1 <= limit <= MAX_LIST_LIMIT:
             raise ApiError(422, f"limit must be an integer from 1 to {MAX_LIST_LIMIT}, got "
                                 f"{raw_limit!r}", field="limit")
-        store = self.state.require_store()
-
-        def read() -> tuple[list[TaskSnapshot], dict[str, int]]:
-            return queue.list_tasks(store, status, limit), queue.counts_by_status(store)
-
-        tasks, counts = await in_thread(read)
-        listing = TaskList(tasks=[task_summary(t) for t in tasks], counts=counts)
+        listing = await self.service.list_tasks(status, limit)
         return JSONResponse(listing.model_dump(mode="json"))
 
     async def workers(self, request: Request) -> Response:
         _query(request, ())
-        store = self.state.require_store()
-        live = await in_thread(health_checks.live_workers, store, self.settings, utcnow())
-        by_status = {s: 0 for s in (WorkerStatus.STARTING.value, WorkerStatus.IDLE.value,
-                                    WorkerStatus.BUSY.value, WorkerStatus.STOPPING.value)}
-        by_host: dict[str, dict[str, int]] = {}
-        for w in live:
-            by_status[w["status"]] = by_status.get(w["status"], 0) + 1
-            host = by_host.setdefault(w["host"], {})
-            host[w["status"]] = host.get(w["status"], 0) + 1
-        return JSONResponse({"live": len(live), "by_status": by_status, "by_host": by_host,
-                             "workers": live})
+        return JSONResponse(await self.service.workers())
 
     async def metrics(self, request: Request) -> Response:
         _query(request, ())
         body, content_type = await anyio.to_thread.run_sync(
             render, self._registry, request.headers.get("accept"))
         return Response(body, headers={"Content-Type": content_type})
-
-    # -- helpers -------------------------------------------------------------------------
-    async def _task(self, request: Request) -> TaskSnapshot:
-        task_id = request.path_params["task_id"]
-        store = self.state.require_store()
-        try:
-            return await in_thread(queue.get_task, store, task_id)
-        except queue.TaskNotFound as exc:
-            raise ApiError(404, str(exc), task_id=task_id) from None
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
@@ -451,5 +421,12 @@ def _json(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-__all__ = ["ApiError", "Guard", "RestApi", "check_bind", "http_error", "is_loopback",
-           "max_body_bytes"]
+def guarded(app: ASGIApp, settings: Settings) -> Guard:
+    """``app`` (a Starlette application carrying the API's routes) answering Starlette's own
+    errors as JSON, behind the guard for ``settings``."""
+    app.add_exception_handler(HTTPException, http_error)  # type: ignore[attr-defined]
+    return Guard(app, token=settings.http_token, max_body=max_body_bytes(settings))
+
+
+__all__ = ["STATUS_OF", "ApiError", "Guard", "RestApi", "check_bind", "guarded", "http_error",
+           "is_loopback", "max_body_bytes"]

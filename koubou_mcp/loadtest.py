@@ -19,6 +19,7 @@ import httpx
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
 from koubou_mcp.models import FINAL_STATUSES, utcnow
+from koubou_mcp.service import read_task
 from koubou_mcp.store import Store
 
 PROMPTS = {
@@ -84,7 +85,7 @@ class StoreTarget:
         return queue.enqueue(self.store, request, self.settings, utcnow()).task.task_id
 
     def task(self, task_id: str) -> dict[str, Any]:
-        return queue.task_record(queue.get_task(self.store, task_id), include_prompt=False)
+        return read_task(self.store, task_id, include_prompt=False).as_json()
 
     def busy_and_live_workers(self) -> tuple[int, int]:
         workers = queue.list_workers(self.store)

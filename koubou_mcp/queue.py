@@ -680,36 +680,6 @@ def retrying_by_kind(store: Store) -> dict[str, int]:
 
 # -- records ------------------------------------------------------------------------------
 
-def task_record(task: TaskSnapshot, *, include_prompt: bool = True) -> dict[str, Any]:
-    """A task as plain JSON-ready data (timestamps as ISO 8601 UTC with a ``Z``)."""
-    duration = None
-    if task.started_at and task.finished_at:
-        duration = round((task.finished_at - task.started_at).total_seconds(), 3)
-    record: dict[str, Any] = {
-        "task_id": task.task_id,
-        "type": task.type,
-        "status": task.status,
-        "priority": task.priority,
-        "result": task.result,
-        "error": task.error,
-        "error_kind": task.error_kind,
-        "attempts": task.attempts,
-        "max_attempts": task.max_attempts,
-        "timeout_s": task.timeout_s,
-        "worker_id": task.worker_id,
-        "cancel_requested": bool(task.cancel_requested),
-        "idempotency_key": task.idempotency_key,
-        "created_at": _iso(task.created_at),
-        "updated_at": _iso(task.updated_at),
-        "started_at": _iso(task.started_at),
-        "finished_at": _iso(task.finished_at),
-        "duration_s": duration,
-    }
-    if include_prompt:
-        record["prompt"] = task.prompt
-    return record
-
-
 def worker_record(worker: WorkerSnapshot) -> dict[str, Any]:
     done = worker.tasks_completed + worker.tasks_failed
     return {

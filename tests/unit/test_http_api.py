@@ -9,7 +9,7 @@ import pytest
 
 from koubou_mcp.config import KNOBS, ConfigError, Settings
 from koubou_mcp.http_api import _hostname, check_bind, is_loopback, max_body_bytes
-from koubou_mcp.server import _listen
+from koubou_mcp.serve import listen
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -94,8 +94,8 @@ def test_a_port_in_use_is_reported_before_anything_starts() -> None:
         taken.listen(1)
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError) as refused:
-            _listen("127.0.0.1", port)
+            listen("127.0.0.1", port)
     assert f"cannot listen on 127.0.0.1:{port}" in str(refused.value)
     assert "--port (KOUBOU_HTTP_PORT)" in str(refused.value)
-    sock = _listen("127.0.0.1", port)  # free again
+    sock = listen("127.0.0.1", port)  # free again
     sock.close()

@@ -1,0 +1,489 @@
+"""The application both transports share: open the store and run (or join) the pool, submit a
+task and optionally wait for it, read, list and cancel tasks, and the health document.
+
+``server.py`` (MCP) and ``http_api.py`` (REST) are thin layers over :class:`Service`; the CLI
+uses the plain functions (``read_task``, ``cancel_task``, ``TaskRecord.of``) on a store it
+opened itself. Nothing here imports ``mcp`` or starlette: failures are this module's own
+exceptions (:class:`ServiceError` and its kinds), which each transport translates (a tool
+error, an HTTP status, an exit code). Every message says what is wrong and what to do.
+
+The service never runs a task: a sync ``submit`` only waits, polling the store, while a worker
+process runs the task.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, Literal, Protocol, TypeVar
+
+import anyio
+import anyio.to_thread
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import SQLAlchemyError
+
+from koubou_mcp import health, queue
+from koubou_mcp.config import Settings
+from koubou_mcp.models import FINAL_STATUSES, TaskSnapshot, TaskStatus, WorkerStatus, utcnow
+from koubou_mcp.store import Store, StoreError, open_store
+
+log = logging.getLogger("koubou_mcp.service")
+
+#: A sync submit never waits longer than this, s. Claude Code moves a tool call to the
+#: background after 120 s; returning well before keeps the call in the foreground.
+MAX_SYNC_WAIT_S = 100.0
+#: How often a sync wait looks at the task at most, s (a primary-key read: cheap). It starts
+#: at SYNC_FIRST_POLL_S and grows to this, so quick tasks are seen quickly.
+SYNC_POLL_S = 0.05
+SYNC_FIRST_POLL_S = 0.01
+#: How often a sync wait reports progress, s
+PROGRESS_EVERY_S = 1.0
+#: Most tasks one listing returns (MCP and REST)
+MAX_LIST_LIMIT = 200
+#: How long stopping waits for the pool: idle workers exit at once; busy ones go on draining
+#: by themselves (they finish their task, or give it back, then exit), s
+POOL_STOP_WAIT_S = 0.5
+#: The longest prompt a listing shows, characters
+PREVIEW_CHARS = 80
+
+TaskTypeName = Literal["general", "code"]
+StatusName = Literal["pending", "in_progress", "completed", "failed", "cancelled"]
+
+
+# -- errors -------------------------------------------------------------------------------
+
+class ServiceError(Exception):
+    """A request the service cannot carry out; the message says why and what to do."""
+
+
+class StoreUnavailable(ServiceError):
+    """The task store is not open, or a call to it failed."""
+
+
+class InvalidRequest(ServiceError):
+    """A field of a request is bad; ``field`` names it when one field is to blame."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class TaskNotFound(ServiceError):
+    """No task has this id."""
+
+
+class TaskFinished(ServiceError):
+    """The task already ended, so it cannot be cancelled."""
+
+
+# -- the records --------------------------------------------------------------------------
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="milliseconds") + "Z"
+
+
+class TaskRecord(BaseModel):
+    """The record of one task, as every transport shows it: MCP's get_status, REST's
+    ``/task/{id}/status`` and the CLI's ``status --json``. Timestamps are ISO 8601 UTC with a
+    ``Z``; the prompt only when asked for (it can be long)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    task_id: str
+    type: TaskTypeName
+    status: StatusName
+    priority: int
+    result: str | None
+    error: str | None
+    error_kind: str | None
+    attempts: int
+    max_attempts: int
+    timeout_s: float
+    worker_id: str | None
+    cancel_requested: bool
+    idempotency_key: str | None
+    created_at: str | None
+    updated_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    duration_s: float | None = Field(description="run time of the finished task, s")
+    prompt: str | None = None
+
+    @classmethod
+    def of(cls, task: TaskSnapshot, *, include_prompt: bool = True) -> TaskRecord:
+        duration = None
+        if task.started_at and task.finished_at:
+            duration = round((task.finished_at - task.started_at).total_seconds(), 3)
+        return cls(
+            task_id=task.task_id, type=task.type, status=task.status,  # type: ignore[arg-type]
+            priority=task.priority, result=task.result, error=task.error,
+            error_kind=task.error_kind, attempts=task.attempts, max_attempts=task.max_attempts,
+            timeout_s=task.timeout_s, worker_id=task.worker_id,
+            cancel_requested=bool(task.cancel_requested), idempotency_key=task.idempotency_key,
+            created_at=_iso(task.created_at), updated_at=_iso(task.updated_at),
+            started_at=_iso(task.started_at), finished_at=_iso(task.finished_at),
+            duration_s=duration, prompt=task.prompt if include_prompt else None,
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready data; without the ``prompt`` key when it was not asked for."""
+        return self.model_dump(mode="json", exclude={"prompt"} if self.prompt is None else None)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+def next_step(record: TaskRecord) -> str:
+    """What the caller should do next about this task, in one line."""
+    if record.status == TaskStatus.COMPLETED.value:
+        return "done: the result is in `result`"
+    if record.status == TaskStatus.FAILED.value:
+        return "failed: read `error`; fix the prompt or the backend and delegate again"
+    if record.status == TaskStatus.CANCELLED.value:
+        return "cancelled: nothing more will happen"
+    return (f"still {record.status}: call get_status(task_id={record.task_id!r}) later for the "
+            "result (the task goes on without you)")
+
+
+class DelegateResult(BaseModel):
+    """What a submit answers (``delegate_task``, ``POST /task/delegate``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    task_id: str = Field(description="id for get_status / cancel_task")
+    status: StatusName = Field(description="pending, in_progress, completed, failed, cancelled")
+    type: TaskTypeName
+    priority: int
+    created: bool = Field(description="false when an unfinished task with the same "
+                                      "idempotency_key was returned instead of a new one")
+    result: str | None = Field(description="the model's answer, once completed")
+    error: str | None = Field(description="why the last run failed, if it did")
+    worker_id: str | None = Field(description="the worker running (or that ran) the task")
+    attempts: int
+    duration_s: float | None = Field(description="run time of the finished task, s")
+    waited_s: float | None = Field(description="how long this call waited (sync only), s")
+    next_step: str = Field(description="what to do next")
+
+    @classmethod
+    def of(cls, record: TaskRecord, *, created: bool, waited_s: float | None) -> DelegateResult:
+        return cls(
+            task_id=record.task_id, status=record.status, type=record.type,
+            priority=record.priority, created=created, result=record.result,
+            error=record.error, worker_id=record.worker_id, attempts=record.attempts,
+            duration_s=record.duration_s, waited_s=waited_s, next_step=next_step(record),
+        )
+
+
+class TaskSummary(BaseModel):
+    """One line of a listing: no result text (the task's record has it)."""
+
+    task_id: str
+    type: TaskTypeName
+    status: StatusName
+    priority: int
+    prompt_preview: str
+    has_result: bool
+    error: str | None
+    worker_id: str | None
+    attempts: int
+    created_at: str | None
+    finished_at: str | None
+    duration_s: float | None
+
+    @classmethod
+    def of(cls, task: TaskSnapshot) -> TaskSummary:
+        record = TaskRecord.of(task, include_prompt=False)
+        preview = " ".join(task.prompt.split())
+        if len(preview) > PREVIEW_CHARS:
+            preview = preview[:PREVIEW_CHARS] + "…"
+        return cls(
+            task_id=record.task_id, type=record.type, status=record.status,
+            priority=record.priority, prompt_preview=preview, has_result=task.result is not None,
+            error=record.error, worker_id=record.worker_id, attempts=record.attempts,
+            created_at=record.created_at, finished_at=record.finished_at,
+            duration_s=record.duration_s,
+        )
+
+
+class TaskList(BaseModel):
+    """What a listing answers (``list_tasks``, ``GET /tasks``)."""
+
+    tasks: list[TaskSummary] = Field(description="newest first")
+    counts: dict[str, int] = Field(description="number of tasks in each status")
+
+
+# -- plain operations on an open store (the CLI's, and the Service's in a thread) -----------
+
+def validate(settings: Settings, prompt: Any, type: Any = "general", priority: Any = 5,
+             timeout_s: Any = None, idempotency_key: Any = None) -> queue.TaskRequest:
+    """Check every field of a new task; InvalidRequest names the first bad one."""
+    try:
+        return queue.validate_request(settings, prompt, type, priority, timeout_s,
+                                      idempotency_key)
+    except queue.InvalidTask as exc:
+        message = str(exc)
+        first = message.split(" ", 1)[0]
+        named = first if first in ("prompt", "type", "priority", "timeout_s",
+                                   "idempotency_key") else None
+        raise InvalidRequest(message, field=named) from None
+
+
+def find_task(store: Store, task_id: str) -> TaskSnapshot:
+    """The task with this id; TaskNotFound says how to find one."""
+    try:
+        return queue.get_task(store, task_id)
+    except queue.TaskNotFound as exc:
+        raise TaskNotFound(str(exc)) from None
+
+
+def read_task(store: Store, task_id: str, *, include_prompt: bool = True) -> TaskRecord:
+    """The record of one task."""
+    return TaskRecord.of(find_task(store, task_id), include_prompt=include_prompt)
+
+
+def cancel_task(store: Store, task_id: str, now: datetime) -> TaskRecord:
+    """Cancel a pending task at once, or ask the worker running it to stop; TaskFinished when
+    it already ended."""
+    try:
+        task = queue.cancel(store, task_id, now)
+    except queue.TaskNotFound as exc:
+        raise TaskNotFound(str(exc)) from None
+    except queue.TaskStateError as exc:
+        raise TaskFinished(str(exc)) from None
+    return TaskRecord.of(task, include_prompt=False)
+
+
+def list_task_records(store: Store, status: str | None,
+                      limit: int) -> tuple[list[TaskRecord], dict[str, int]]:
+    """The newest ``limit`` tasks (in ``status``, if given) and the counts by status."""
+    tasks = queue.list_tasks(store, status, limit)
+    return [TaskRecord.of(t, include_prompt=False) for t in tasks], queue.counts_by_status(store)
+
+
+def default_wait_s(settings: Settings) -> float:
+    """How long a sync submit waits when the caller does not say, s."""
+    return min(settings.sync_wait_s, MAX_SYNC_WAIT_S)
+
+
+# -- the pool -----------------------------------------------------------------------------
+
+class PoolHandle(Protocol):
+    """What the service needs from the pool it runs (``pool.PoolHandle``)."""
+
+    def stop(self, drain: bool = True, timeout_s: float | None = None) -> bool: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+
+def start_pool(settings: Settings) -> PoolHandle:
+    """Run the scaling supervisor for this home in a thread of this process. When another
+    process supervises the home already, this one stands by and takes over if it goes away."""
+    from koubou_mcp import pool
+
+    return pool.start_in_thread(settings, role="server")
+
+
+# -- the service --------------------------------------------------------------------------
+
+T = TypeVar("T")
+ProgressFn = Callable[[queue.Progress, float], Awaitable[None]]
+
+
+class Service:
+    """One koubou application: its settings, the store it opened (or why it could not) and
+    the pool it runs (or why it could not). ``start`` and ``stop`` bracket its life (the MCP
+    server's lifespan calls them); every other method may be called in between, from any
+    task of the event loop. Store calls run in worker threads."""
+
+    def __init__(self, settings: Settings, *, run_pool: bool = True,
+                 pool_starter: Callable[[Settings], PoolHandle] = start_pool) -> None:
+        self.settings = settings
+        self.run_pool = run_pool
+        self._pool_starter = pool_starter
+        self.store: Store | None = None
+        self.store_error: str | None = None
+        self.pool: PoolHandle | None = None
+        self.pool_error: str | None = None
+
+    # -- life ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the store and, with ``run_pool``, start (or join) the pool. Neither failure
+        raises: the service goes on, its health says what is wrong and each call that needs
+        the store says so."""
+        settings = self.settings
+        try:
+            self.store = await anyio.to_thread.run_sync(
+                open_store, settings.database_url, settings.run_dir)
+        except StoreError as exc:
+            self.store_error = str(exc)
+            log.error("cannot open the task store: %s", exc)
+        if self.run_pool and self.store is not None:
+            try:
+                self.pool = await anyio.to_thread.run_sync(self._pool_starter, settings)
+            except Exception as exc:  # serve anyway: health and every status call still work
+                self.pool_error = f"{type(exc).__name__}: {exc}"
+                log.exception("cannot start the worker pool")
+
+    async def stop(self) -> None:
+        """Stop what ``start`` started, quickly (a stdio client kills the server about 2 s
+        after closing stdin). Every worker is told to drain; idle ones exit at once, busy ones
+        finish their task (or give it back after ``drain_grace_s``) and exit by themselves,
+        in their own sessions. No task is lost either way."""
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            try:
+                stopped = await anyio.to_thread.run_sync(
+                    lambda: pool.stop(drain=True, timeout_s=POOL_STOP_WAIT_S))
+                if not stopped:
+                    log.info("busy workers go on draining after the server exits")
+            except Exception:
+                log.exception("stopping the pool failed")
+        if self.store is not None:
+            store, self.store = self.store, None
+            store.close()
+
+    def require_store(self) -> Store:
+        if self.store is None:
+            reason = (self.store_error or "not open").rstrip(".")
+            raise StoreUnavailable(f"the task store is unavailable: {reason}. Fix it "
+                                   "(koubou-mcp doctor says how) and restart the server.")
+        return self.store
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a store call in a worker thread. A database failure becomes StoreUnavailable
+        saying what failed."""
+        store = self.require_store()
+        try:
+            return await anyio.to_thread.run_sync(fn, store, *args)
+        except SQLAlchemyError as exc:
+            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            log.error("store call %s failed: %s", getattr(fn, "__name__", fn), detail)
+            raise StoreUnavailable(f"the task store failed: {detail}; read koubou://health "
+                                   "or run `koubou-mcp doctor`") from None
+
+    @property
+    def default_wait_s(self) -> float:
+        return default_wait_s(self.settings)
+
+    # -- tasks ---------------------------------------------------------------------------
+    def validate(self, prompt: Any, type: Any = "general", priority: Any = 5,
+                 timeout_s: Any = None, idempotency_key: Any = None) -> queue.TaskRequest:
+        """See :func:`validate`."""
+        return validate(self.settings, prompt, type, priority, timeout_s, idempotency_key)
+
+    async def submit(self, request: queue.TaskRequest, *, wait_s: float | None = None,
+                     on_progress: ProgressFn | None = None) -> DelegateResult:
+        """Queue a validated request; with ``wait_s``, wait up to that long for it to end
+        (a sync submit), calling ``on_progress`` about every second meanwhile."""
+        if wait_s is not None and not (math.isfinite(wait_s) and 0 <= wait_s <= MAX_SYNC_WAIT_S):
+            raise InvalidRequest(f"wait_s must be a number of seconds from 0 to "
+                                 f"{MAX_SYNC_WAIT_S:g}, got {wait_s!r}", field="wait_s")
+        settings = self.settings
+        enqueued = await self._call(
+            lambda store: queue.enqueue(store, request, settings, utcnow()))
+        record, waited = TaskRecord.of(enqueued.task, include_prompt=False), None
+        if wait_s is not None:
+            record, elapsed = await self.wait(record.task_id, wait_s, on_progress)
+            waited = round(elapsed, 3)
+        return DelegateResult.of(record, created=enqueued.created, waited_s=waited)
+
+    async def wait(self, task_id: str, wait_s: float, on_progress: ProgressFn | None = None, *,
+                   poll_s: float = SYNC_POLL_S,
+                   progress_every_s: float = PROGRESS_EVERY_S) -> tuple[TaskRecord, float]:
+        """Watch a task until it ends or ``wait_s`` passes; return its record and the time
+        waited. Calls ``on_progress(progress, elapsed)`` about every ``progress_every_s``."""
+        start = anyio.current_time()
+        next_report = start + progress_every_s
+        delay = min(SYNC_FIRST_POLL_S, poll_s)
+        while True:
+            # poll the light status only; the full record is read once, at the end
+            progress = await self._call(_progress_of, task_id)
+            now = anyio.current_time()
+            elapsed = now - start
+            if progress.status in FINAL_STATUSES or elapsed >= wait_s:
+                task = await self._call(find_task, task_id)
+                return TaskRecord.of(task, include_prompt=False), elapsed
+            if on_progress is not None and now >= next_report:
+                await on_progress(progress, elapsed)
+                next_report = now + progress_every_s
+            await anyio.sleep(max(0.0, min(delay, wait_s - elapsed, next_report - now)))
+            delay = min(delay * 1.5, poll_s)
+
+    async def read(self, task_id: str, *, include_prompt: bool = False) -> TaskRecord:
+        """The record of one task."""
+        return await self._call(lambda store: read_task(store, task_id,
+                                                        include_prompt=include_prompt))
+
+    async def list_tasks(self, status: str | None = None, limit: int = 20) -> TaskList:
+        """Tasks newest first (in ``status``, if given), with the counts by status."""
+        statuses = [s.value for s in TaskStatus]
+        if status is not None and status not in statuses:
+            raise InvalidRequest(f"status must be one of {', '.join(statuses)}, got "
+                                 f"{status!r}", field="status")
+        if isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}, got "
+                                 f"{limit!r}", field="limit")
+
+        def read(store: Store) -> TaskList:
+            tasks = queue.list_tasks(store, status, limit)
+            return TaskList(tasks=[TaskSummary.of(t) for t in tasks],
+                            counts=queue.counts_by_status(store))
+
+        return await self._call(read)
+
+    async def cancel(self, task_id: str) -> TaskRecord:
+        """See :func:`cancel_task`."""
+        return await self._call(lambda store: cancel_task(store, task_id, utcnow()))
+
+    # -- the installation ----------------------------------------------------------------
+    async def stats(self) -> dict[str, Any]:
+        """Tasks by status, queue depth, run and wait times, per-worker counters."""
+        stats = await self._call(queue.stats)
+        return stats.as_dict()
+
+    async def workers(self) -> dict[str, Any]:
+        """Live workers, with counts by status and by host."""
+        live = await self._call(lambda store: health.live_workers(store, self.settings,
+                                                                  utcnow()))
+        by_status = {s: 0 for s in (WorkerStatus.STARTING.value, WorkerStatus.IDLE.value,
+                                    WorkerStatus.BUSY.value, WorkerStatus.STOPPING.value)}
+        by_host: dict[str, dict[str, int]] = {}
+        for w in live:
+            by_status[w["status"]] = by_status.get(w["status"], 0) + 1
+            host = by_host.setdefault(w["host"], {})
+            host[w["status"]] = host.get(w["status"], 0) + 1
+        return {"live": len(live), "by_status": by_status, "by_host": by_host, "workers": live}
+
+    def pool_health(self) -> dict[str, Any] | None:
+        """The health of the pool this process runs, or None when it runs none."""
+        return self.pool.health() if self.pool is not None else None
+
+    async def health(self) -> dict[str, Any]:
+        """The health document (``koubou://health``, ``GET /health``): ok/degraded/down with
+        the reason for each part that is not ok."""
+        supervisor = await anyio.to_thread.run_sync(self.pool_health)
+        document = await health.collect_health(
+            self.settings, self.store, supervisor=supervisor, store_error=self.store_error,
+            pool_error=self.pool_error)
+        document["server"] = {"pid": os.getpid(), "pool": "in this process" if self.run_pool
+                              else "not started (--no-pool)"}
+        return document
+
+
+def _progress_of(store: Store, task_id: str) -> queue.Progress:
+    try:
+        return queue.task_progress(store, task_id)
+    except queue.TaskNotFound as exc:
+        raise TaskNotFound(str(exc)) from None
+
+
+__all__ = [
+    "MAX_LIST_LIMIT", "MAX_SYNC_WAIT_S", "DelegateResult", "InvalidRequest", "PoolHandle",
+    "ProgressFn", "Service", "ServiceError", "StoreUnavailable", "TaskFinished", "TaskList",
+    "TaskNotFound", "TaskRecord", "TaskSummary", "cancel_task", "default_wait_s", "find_task",
+    "list_task_records", "next_step", "read_task", "start_pool", "validate",
+]
