@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import stat
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import Engine, text
 
 from koubou_mcp.config import make_private_dir
+
+log = logging.getLogger(__name__)
 
 
 class Listener(Protocol):
@@ -119,38 +123,112 @@ class FifoWakeup:
 
 
 class PostgresListener:
-    """A dedicated connection that LISTENs; ``poke`` wakes it through a local pipe."""
+    """A dedicated connection that LISTENs; ``poke`` wakes it through a local pipe.
 
-    def __init__(self, engine: Engine, channel: str) -> None:
-        import psycopg  # only needed with PostgreSQL
+    The connection can be lost at any time (``pg_terminate_backend``, a restart, a failover).
+    ``wait`` then never raises: it logs once, and until a reconnect succeeds (tried at most
+    every ``backoff_s``, doubling up to ``max_backoff_s``) it sleeps out its timeout like the
+    poll fallback, still ending early on a poke.
+    """
 
-        url = engine.url.set(drivername="postgresql")
-        self._conn: Any = psycopg.connect(
-            url.render_as_string(hide_password=False), autocommit=True
-        )
-        self._conn.execute(f'LISTEN "{channel}"')
+    def __init__(self, engine: Engine, channel: str, *, backoff_s: float = 0.5,
+                 max_backoff_s: float = 30.0) -> None:
+        self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._channel = channel
+        self._backoff_s = self._first_backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._retry_at = 0.0
+        self._lost = False
         self._pipe_r, self._pipe_w = os.pipe()
         os.set_blocking(self._pipe_r, False)
         os.set_blocking(self._pipe_w, False)
+        self._conn: Any = None
+        try:
+            self._conn = self._connect()
+        except BaseException:
+            self._close_pipe()
+            raise
+
+    def _connect(self) -> Any:
+        import psycopg  # only needed with PostgreSQL
+
+        conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
+        try:
+            conn.execute(f'LISTEN "{self._channel}"')
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def backend_pid(self) -> int | None:
+        """The server process of the listening connection (None while it is lost)."""
+        return None if self._conn is None else int(self._conn.info.backend_pid)
 
     def wait(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        if self._conn is None and time.monotonic() >= self._retry_at:
+            self._reconnect()
         try:
-            ready, _, _ = select.select(
-                [self._conn.pgconn.socket, self._pipe_r], [], [], max(timeout_s, 0.0)
-            )
+            if self._conn is None:
+                return self._sleep_on_pipe(deadline)
+            return self._wait_listening(deadline)
+        except Exception as exc:  # the connection broke: a wake-up is an optimisation
+            self._lose(exc)
+            return self._sleep_on_pipe(deadline)
+
+    def _wait_listening(self, deadline: float) -> bool:
+        conn = self._conn
+        try:
+            ready, _, _ = select.select([conn.pgconn.socket, self._pipe_r], [], [],
+                                        max(deadline - time.monotonic(), 0.0))
         except InterruptedError:
             return False
-        woken = False
-        if self._pipe_r in ready:
-            with contextlib.suppress(BlockingIOError):
-                while os.read(self._pipe_r, 4096):
-                    pass
-            woken = True
+        woken = self._pipe_r in ready and self._drain_pipe()
         if ready:
-            # consume whatever notifications arrived, without blocking
-            for _ in self._conn.notifies(timeout=0, stop_after=1000):
+            # consume whatever notifications arrived, without blocking; a closed connection
+            # shows as a readable socket and raises here
+            for _ in conn.notifies(timeout=0, stop_after=1000):
                 woken = True
         return woken
+
+    def _sleep_on_pipe(self, deadline: float) -> bool:
+        try:
+            ready, _, _ = select.select([self._pipe_r], [], [],
+                                        max(deadline - time.monotonic(), 0.0))
+        except InterruptedError:
+            return False
+        return bool(ready) and self._drain_pipe()
+
+    def _drain_pipe(self) -> bool:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._pipe_r, 4096):
+                pass
+        return True
+
+    def _lose(self, exc: BaseException) -> None:
+        if not self._lost:
+            log.warning("wake-up listener lost its PostgreSQL connection (%s); polling until "
+                        "it is back", str(exc).strip() or type(exc).__name__)
+        self._lost = True
+        with contextlib.suppress(Exception):
+            self._conn.close()
+        self._conn = None
+        self._retry_at = time.monotonic() + self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, self._max_backoff_s)
+
+    def _reconnect(self) -> None:
+        try:
+            self._conn = self._connect()
+        except Exception as exc:
+            self._lose(exc)
+            return
+        log.info("wake-up listener reconnected to PostgreSQL")
+        self._lost = False
+        self._backoff_s = self._first_backoff_s
 
     def poke(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
@@ -158,7 +236,12 @@ class PostgresListener:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
+        self._conn = None
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
         for fd in (self._pipe_r, self._pipe_w):
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
 from koubou_mcp.models import utcnow
-from koubou_mcp.store import Store
-from koubou_mcp.wakeup import FifoWakeup, SelfPipe
+from koubou_mcp.store import Store, open_store
+from koubou_mcp.wakeup import FifoWakeup, PostgresListener, SelfPipe
+from tests.support.waiting import wait_until
 
 
 def test_enqueue_wakes_a_waiting_listener(store: Store, store_settings: Settings) -> None:
@@ -72,3 +76,50 @@ def test_a_self_pipe_wakes_its_own_wait_and_is_harmless_once_closed() -> None:
     pipe.close()
     pipe.poke()  # after close: no error (a late signal handler)
     pipe.close()
+
+
+# -- a lost PostgreSQL connection ----------------------------------------------------------
+
+def _terminate(pg_url: str, pid: int) -> None:
+    import psycopg
+
+    plain = pg_url.split("?")[0].replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_a_listener_whose_connection_is_killed_polls_then_reconnects_and_wakes_again(
+    pg_url: str, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings.with_overrides(database_url=pg_url)
+    store = open_store(pg_url, settings.run_dir)
+    listener = store.wakeup.listen("survivor")
+    assert isinstance(listener, PostgresListener)
+    try:
+        first = listener.backend_pid()
+        assert first is not None
+        _terminate(pg_url, first)
+        with caplog.at_level(logging.WARNING, logger="koubou_mcp.wakeup"):
+            # the dead connection must not raise out of wait(): it returns like a poll
+            wait_until(lambda: not listener.wait(0.05) and not listener.connected, timeout=10,
+                       message="the listener to notice its lost connection")
+            for _ in range(3):
+                listener.wait(0.01)
+        lost = [r for r in caplog.records if "lost its PostgreSQL connection" in r.message]
+        assert len(lost) == 1, "the loss is logged once"
+        listener.poke()
+        assert listener.wait(5), "a poke still ends the wait while the connection is lost"
+        wait_until(lambda: (listener.wait(0.05), listener.connected)[1], timeout=15,
+                   message="the listener to reconnect")
+        assert listener.backend_pid() != first
+
+        woke: list[bool] = []
+        waiter = threading.Thread(target=lambda: woke.append(listener.wait(10)))
+        waiter.start()
+        queue.enqueue(store, queue.validate_request(settings, "after the outage"), settings,
+                      utcnow())
+        waiter.join(timeout=15)
+        assert woke == [True], "the reconnected listener is woken by new work again"
+    finally:
+        listener.close()
+        store.close()
