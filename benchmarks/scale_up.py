@@ -6,10 +6,11 @@ product defaults, against the stand-in Ollama (``benchmarks._fake_ollama``: the 
 Nagle's algorithm off, as real Ollama) answering every request after a fixed latency.
 
 (a) **Burst to max.** One worker is alive and idle; 50 tasks arrive at once; we time how long
-    until ``max_workers`` requests are in flight at the fake server, i.e. ``max_workers``
-    workers busy.
-(b) **Makespan.** 100 tasks of 1 s on a backend that serves 5 requests at once, with
-    ``max_workers=5`` and one worker alive at the start; the ideal is 100 × 1 / 5 = 20 s.
+    until ``max_workers`` requests are in flight at the fake server (holding one of its 4 slots
+    or waiting in its queue), i.e. ``max_workers`` workers busy.
+(b) **Makespan.** 100 tasks of 1 s on a backend that serves 4 requests at once (a realistic
+    ``OLLAMA_NUM_PARALLEL``), with ``max_workers=5`` and one worker alive at the start; the
+    ideal is 100 × 1 / 4 = 25 s.
     Measured from the first task's ``created_at`` to the last one's ``finished_at``.
 
 The peer is the seed's rule, simulated through the *same* harness: our ``Supervisor`` run with
@@ -54,9 +55,12 @@ from koubou_mcp.supervisor import Tuning
 from tests.support.waiting import wait_until
 
 NAME = "scale_up"
-TITLE = "Scale-up: burst to max workers busy, and makespan on a 5-slot backend"
+TITLE = "Scale-up: burst to max workers busy, and makespan on a 4-slot backend"
 
 SEED_TICK_S = 5.0
+#: The burst's stand-in serves 4 generations at once; a busy worker is one whose request is in
+#: flight there, generating or queued.
+BURST_SLOTS = 4
 TARGET_BURST_S = 2.0
 TARGET_MAKESPAN_RATIO = 1.1
 
@@ -93,7 +97,7 @@ class Scenario:
 
 FULL = Scenario(burst_tasks=50, burst_max_workers=5, burst_latency_s=2.0, burst_runs=3,
                 seed_tick_s=SEED_TICK_S, makespan_tasks=100, makespan_task_s=1.0,
-                makespan_slots=5, makespan_max_workers=5)
+                makespan_slots=4, makespan_max_workers=5)
 QUICK = Scenario(burst_tasks=10, burst_max_workers=3, burst_latency_s=1.0, burst_runs=1,
                  seed_tick_s=1.0, makespan_tasks=10, makespan_task_s=0.2,
                  makespan_slots=3, makespan_max_workers=3)
@@ -140,11 +144,11 @@ def _pool(*, max_workers: int, latency_s: float, slots: int, tuning: Tuning) -> 
 
 def burst_to_max(s: Scenario, policy: str) -> dict[str, float]:
     """Seconds from a burst of ``s.burst_tasks`` to ``s.burst_max_workers`` workers busy."""
-    with _pool(max_workers=s.burst_max_workers, latency_s=s.burst_latency_s, slots=0,
+    with _pool(max_workers=s.burst_max_workers, latency_s=s.burst_latency_s, slots=BURST_SLOTS,
                tuning=_tuning(policy, s)) as pool:
         start = time.monotonic()
         pool.submit(s.burst_tasks)
-        wait_until(lambda: pool.fake.stats()["active"] >= s.burst_max_workers, timeout=120,
+        wait_until(lambda: pool.fake.stats()["in_flight"] >= s.burst_max_workers, timeout=120,
                    message=f"{s.burst_max_workers} busy workers", interval=0.005)
         return {"burst_s": time.monotonic() - start, "first_worker_s": pool.first_worker_s}
 

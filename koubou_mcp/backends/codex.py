@@ -1,10 +1,11 @@
-"""Run a coding task with the Codex CLI (``codex exec --oss``) against a local Ollama.
+"""Run a coding task with the Codex CLI (``codex exec --oss --json``) against a local Ollama.
 
 The prompt goes to the child's stdin, never onto its command line and never through a shell,
 so nothing in it can become an option or a command. The child runs in its own session; when
 the call is cancelled (task cancelled, timeout) the whole process group is terminated, then
 killed, and reaped before the cancellation goes on. Output is drained as it comes and only a
-bounded tail is kept, so a chatty child cannot exhaust memory.
+bounded tail is kept, so a chatty child cannot exhaust memory. Its JSONL event stream on stdout
+(``--json``) is followed for progress (``codex_events``); the answer is the ``-o`` file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 from subprocess import DEVNULL, PIPE
@@ -31,6 +32,7 @@ from koubou_mcp.backends.base import (
     TransientBackendError,
     bound_result,
 )
+from koubou_mcp.backends.codex_events import CodexEvents
 from koubou_mcp.processes import GroupLedger
 
 #: How much of stderr goes into a ``codex_exit`` error message.
@@ -103,7 +105,7 @@ class CodexBackend:
         self._env = dict(os.environ if env is None else env)
         self._env["CODEX_OSS_BASE_URL"] = oss_base_url(ollama_url)
 
-    def command(self, codex_path: str, outfile: str) -> list[str]:
+    def command(self, codex_path: str, outfile: str, model: str | None = None) -> list[str]:
         """The exact argv of one run (the prompt is not in it: it goes to stdin)."""
         return [
             codex_path,
@@ -112,12 +114,13 @@ class CodexBackend:
             "--local-provider",
             "ollama",
             "-m",
-            self.model,
+            model or self.model,
             "--skip-git-repo-check",
             "--sandbox",
             self.sandbox,
             "--color",
             "never",
+            "--json",
             "-C",
             self.workdir,
             "-o",
@@ -132,25 +135,35 @@ class CodexBackend:
             raise PermanentBackendError(
                 f"Codex working directory {self.workdir!r} does not exist", kind="workdir_missing"
             )
+        events = CodexEvents(request.on_progress)
+        try:
+            return await self._run(codex_path, request, events)
+        except BaseException:
+            events.report(force=True)  # the caller keeps the last message so far
+            raise
+
+    async def _run(self, codex_path: str, request: BackendRequest, events: CodexEvents) -> str:
         # mode 0600, a fresh name each run
         fd, outfile = tempfile.mkstemp(prefix="koubou-codex-", suffix=".txt", dir=self.output_dir)
         os.close(fd)
         try:
             returncode, stdout, stderr = await _run_process(
-                self.command(codex_path, outfile),
+                self.command(codex_path, outfile, request.model),
                 stdin_data=request.prompt.encode("utf-8", errors="replace"),
                 env=self._env,
                 kill_grace_s=self.kill_grace_s,
                 groups_dir=self.groups_dir,
+                on_stdout=events.feed_bytes,
             )
+            reported = f": {events.error}" if events.error else ""
             if returncode < 0:
                 raise PermanentBackendError(
-                    f"codex was killed by {_signal_name(-returncode)}{_stderr_suffix(stderr)}",
+                    f"codex was killed by {_signal_name(-returncode)}{reported}{_stderr_suffix(stderr)}",
                     kind="codex_signal",
                 )
             if returncode != 0:
                 raise PermanentBackendError(
-                    f"codex exited with code {returncode}{_stderr_suffix(stderr)}",
+                    f"codex exited with code {returncode}{reported}{_stderr_suffix(stderr)}",
                     kind="codex_exit",
                 )
             result = await anyio.to_thread.run_sync(_read_result_file, outfile)
@@ -159,15 +172,18 @@ class CodexBackend:
                 os.unlink(outfile)
         if result:
             return result
-        fallback = stdout.text().strip()
+        if events.message:  # no -o file, but the event stream had the last message
+            return bound_result(events.message)
+        # an older Codex without --json events prints its answer on stdout
+        fallback = "" if events.seen else stdout.text().strip()
         if fallback:
             if stdout.total > stdout.kept:
                 cut = stdout.total - stdout.kept
                 fallback = f"[koubou-mcp: first {cut} bytes of codex output dropped]\n{fallback}"
             return bound_result(fallback)
         raise PermanentBackendError(
-            "codex exited successfully but wrote no last message (-o file empty) and nothing "
-            f"on stdout{_stderr_suffix(stderr)}",
+            "codex exited successfully but wrote no last message (-o file empty, no agent "
+            f"message among its events, nothing else on stdout){_stderr_suffix(stderr)}",
             kind="malformed",
         )
 
@@ -271,6 +287,7 @@ async def _run_process(
     env: Mapping[str, str],
     kill_grace_s: float,
     groups_dir: str | None = None,
+    on_stdout: Callable[[bytes], None] | None = None,
 ) -> tuple[int, _Tail, _Tail]:
     """Run ``argv`` in a new session, feeding ``stdin_data`` and keeping tails of its output.
 
@@ -300,7 +317,7 @@ async def _run_process(
     ledger = GroupLedger(Path(groups_dir)) if groups_dir is not None else None
     noted = ledger is not None and ledger.record(process.pid)
     try:
-        returncode = await _communicate(process, stdin_data, stdout, stderr)
+        returncode = await _communicate(process, stdin_data, stdout, stderr, on_stdout)
     finally:
         with anyio.CancelScope(shield=True):
             await _stop_process_group(process, kill_grace_s)
@@ -310,14 +327,18 @@ async def _run_process(
 
 
 async def _communicate(
-    process: anyio.abc.Process, stdin_data: bytes | None, stdout: _Tail, stderr: _Tail
+    process: anyio.abc.Process,
+    stdin_data: bytes | None,
+    stdout: _Tail,
+    stderr: _Tail,
+    on_stdout: Callable[[bytes], None] | None = None,
 ) -> int:
     """Feed stdin and drain both output pipes until the child exits; return its exit code."""
     drained_out = anyio.Event()
     drained_err = anyio.Event()
     async with anyio.create_task_group() as tg:
         assert process.stdout is not None and process.stderr is not None
-        tg.start_soon(_drain, process.stdout, stdout, drained_out)
+        tg.start_soon(_drain, process.stdout, stdout, drained_out, on_stdout)
         tg.start_soon(_drain, process.stderr, stderr, drained_err)
         if stdin_data is not None and process.stdin is not None:
             tg.start_soon(_feed, process.stdin, stdin_data)
@@ -355,10 +376,18 @@ async def _feed(stream: anyio.abc.ByteSendStream, data: bytes) -> None:
             await stream.aclose()
 
 
-async def _drain(stream: anyio.abc.ByteReceiveStream, tail: _Tail, done: anyio.Event) -> None:
+async def _drain(
+    stream: anyio.abc.ByteReceiveStream,
+    tail: _Tail,
+    done: anyio.Event,
+    on_data: Callable[[bytes], None] | None = None,
+) -> None:
     try:
         while True:
-            tail.feed(await stream.receive(_READ_CHUNK))
+            data = await stream.receive(_READ_CHUNK)
+            tail.feed(data)
+            if on_data is not None:
+                on_data(data)
     except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
         pass
     finally:

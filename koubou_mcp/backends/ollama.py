@@ -1,13 +1,17 @@
-"""Run a task on a local Ollama server through its HTTP API (``POST /api/chat``).
+"""Run a task on a local Ollama server through its HTTP API (``POST /api/chat``, streamed).
 
-Every way the call can fail becomes a ``BackendError`` whose ``kind`` says what happened and
-whose message says what to do about it. Transient errors (the server is down, busy, slow or
-failing) are worth retrying; permanent ones (model not pulled, bad request, garbage reply) are not.
+The reply streams as NDJSON, one chunk per token or so; the backend assembles the text and
+reports progress (``GenerationProgress``) as chunks arrive. Every way the call can fail becomes
+a ``BackendError`` whose ``kind`` says what happened and whose message says what to do about
+it. Transient errors (the server is down, busy, slow or failing) are worth retrying; permanent
+ones (model not pulled, bad request, garbage reply) are not. A cancelled call closes the
+stream at once, which frees the model server's slot.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -16,8 +20,8 @@ from koubou_mcp.backends.base import (
     BackendRequest,
     PermanentBackendError,
     TransientBackendError,
-    bound_result,
 )
+from koubou_mcp.backends.stream import ChatStream
 
 #: A reply body larger than this is refused rather than held in memory. The result itself is
 #: bounded to ``MAX_RESULT_CHARS``; this leaves room for JSON escaping and metadata.
@@ -88,20 +92,24 @@ class OllamaBackend:
         self._client = client if client is not None else httpx.AsyncClient()
 
     async def run(self, request: BackendRequest) -> str:
-        """Send the prompt to ``/api/chat`` and return the reply's ``message.content``."""
+        """Stream the prompt's answer from ``/api/chat`` and return it (bounded)."""
         url = f"{self.base_url}/api/chat"
+        model = request.model or self.model
         payload: dict[str, Any] = {
-            "model": self.model,
+            "model": model,
             "messages": [{"role": "user", "content": request.prompt}],
-            "stream": False,
+            "stream": True,
         }
         if self.options:
             payload["options"] = self.options
         timeout = httpx.Timeout(request.timeout_s, connect=min(self.connect_timeout_s, request.timeout_s))
-        status, body = await self._post(url, payload, timeout)
-        if status >= 400:
-            raise self._http_error(url, status, body)
-        return bound_result(self._content(url, body))
+        chat = ChatStream(url, request.on_progress)
+        try:
+            await self._stream(url, model, payload, timeout, chat)
+        except BaseException:
+            chat.report(force=True)  # the caller keeps the text so far
+            raise
+        return chat.result()
 
     async def probe(self, *, timeout_s: float | None = None) -> dict[str, Any]:
         """Health check: is Ollama reachable, which version, which models are pulled.
@@ -145,12 +153,20 @@ class OllamaBackend:
         if self._owns_client:
             await self._client.aclose()
 
-    async def _post(self, url: str, payload: dict[str, Any], timeout: httpx.Timeout) -> tuple[int, bytes]:
-        """POST ``payload`` and read the whole (bounded) body, mapping transport failures."""
+    async def _stream(
+        self, url: str, model: str, payload: dict[str, Any], timeout: httpx.Timeout, chat: ChatStream
+    ) -> None:
+        """POST ``payload`` and feed the streamed reply to ``chat``, mapping transport failures."""
         try:
             async with self._client.stream("POST", url, json=payload, timeout=timeout) as response:
                 try:
-                    body = await _read_bounded(response, MAX_RESPONSE_BYTES)
+                    if response.status_code >= 400:
+                        body = await _read_bounded(response, MAX_RESPONSE_BYTES)
+                        raise self._http_error(url, model, response.status_code, body)
+                    async for line in _lines(response, MAX_RESPONSE_BYTES):
+                        if chat.feed(line):
+                            return  # the final chunk: nothing more to read
+                    chat.finish()
                 except httpx.TimeoutException as exc:
                     raise TransientBackendError(
                         f"Ollama at {url} stopped sending its reply for longer than the read "
@@ -163,7 +179,6 @@ class OllamaBackend:
                         f"(HTTP {response.status_code}): {type(exc).__name__}: {exc}",
                         kind="malformed",
                     ) from exc
-                return response.status_code, body
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise TransientBackendError(
                 f"cannot reach Ollama at {self.base_url} ({type(exc).__name__}: {exc}); {_FIX_UNREACHABLE}",
@@ -193,7 +208,7 @@ class OllamaBackend:
             ) from exc
 
     def _http_error(
-        self, url: str, status: int, body: bytes
+        self, url: str, model: str, status: int, body: bytes
     ) -> TransientBackendError | PermanentBackendError:
         """The backend error for an HTTP error status."""
         error = _error_text(body)
@@ -213,8 +228,8 @@ class OllamaBackend:
         lowered = error.lower()
         if status == 404 and "model" in lowered and "not found" in lowered:
             return PermanentBackendError(
-                f"model {self.model!r} is not available on Ollama at {self.base_url} "
-                f"({excerpt}); run `ollama pull {self.model}` or configure a model it has",
+                f"model {model!r} is not available on Ollama at {self.base_url} "
+                f"({excerpt}); run `ollama pull {model}` or configure a model it has",
                 kind="model_not_found",
             )
         hint = ""
@@ -224,33 +239,6 @@ class OllamaBackend:
             f"Ollama at {url} rejected the request with HTTP {status}: {excerpt}{hint}",
             kind="bad_request",
         )
-
-    def _content(self, url: str, body: bytes) -> str:
-        """``message.content`` of a chat reply, or a ``malformed`` error saying what is wrong."""
-
-        def malformed(reason: str) -> PermanentBackendError:
-            return PermanentBackendError(
-                f"Ollama at {url} sent a malformed reply: {reason}", kind="malformed"
-            )
-
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise malformed(f"not UTF-8 ({exc})") from exc
-        except ValueError as exc:
-            text = body.decode("utf-8", errors="replace")
-            raise malformed(f"not valid JSON ({exc}): {_excerpt(text, 120)!r}") from exc
-        if not isinstance(data, dict):
-            raise malformed(f"expected a JSON object, got {type(data).__name__}")
-        message = data.get("message")
-        if not isinstance(message, dict):
-            if isinstance(data.get("error"), str):
-                raise malformed(f"an error instead of a message: {_excerpt(data['error'])}")
-            raise malformed("no 'message' object in the reply")
-        content = message.get("content")
-        if not isinstance(content, str):
-            raise malformed("no 'message.content' string in the reply")
-        return content
 
 
 async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
@@ -266,3 +254,27 @@ async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
             )
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _lines(response: httpx.Response, limit: int) -> AsyncIterator[bytes]:
+    """The response body's lines as they arrive, refusing (``malformed``) more than ``limit``
+    bytes in all (one huge line included)."""
+    buffer = bytearray()
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise PermanentBackendError(
+                f"Ollama at {response.request.url} sent a reply larger than {limit} bytes",
+                kind="malformed",
+            )
+        buffer += chunk
+        if b"\n" not in chunk:
+            continue
+        *complete, rest = buffer.split(b"\n")
+        buffer = bytearray(rest)
+        for line in complete:
+            if line.strip():
+                yield bytes(line)
+    if buffer.strip():
+        yield bytes(buffer)

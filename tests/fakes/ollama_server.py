@@ -1,289 +1,119 @@
-"""A stand-in for Ollama's HTTP API on a real TCP socket, for tests and benchmarks.
+"""A stand-in for Ollama's HTTP API on a real TCP socket, faithful where timing matters.
 
 In a test::
 
-    with FakeOllama(models=["gpt-oss:20b"]) as fake:
+    with FakeOllama(models=["gpt-oss:20b"], slots=2, ttft_s=0.2, tokens_per_s=50) as fake:
         fake.configure(mode="busy503")          # or POST {fake.url}/_fake/config
         ...
-        fake.stats()["prompts"]                 # or GET {fake.url}/_fake/stats
+        fake.stats()["cancelled"]               # or GET {fake.url}/_fake/stats
 
 As a process (integration tests that spawn real workers)::
 
-    python -m tests.fakes.ollama_server --port 0 --models gpt-oss:20b [--latency 0.05]
-        [--latency-jitter 0.02] [--slots 2] [--mode ok]
+    python -m tests.fakes.ollama_server --port 0 --models gpt-oss:20b [--slots 1]
+        [--max-queue 512] [--load 0] [--keep-alive 300] [--ttft 0] [--tokens-per-s 0]
+        [--reply-tokens 0] [--latency 0] [--latency-jitter 0] [--mode ok]
 
 prints ``READY http://127.0.0.1:PORT`` once listening and serves until SIGTERM/SIGINT (or until
-its parent exits). ``FakeOllamaProcess`` wraps that for tests.
+its parent exits). ``FakeOllamaProcess`` (``tests.fakes.ollama_process``) wraps that.
 
 Endpoints, shaped like real Ollama's: ``GET /``, ``GET /api/version``, ``GET /api/tags``,
-``POST /api/chat``, ``POST /api/generate`` (streaming NDJSON by default, like Ollama, or
-``"stream": false``), ``GET /v1/models``, ``POST /v1/chat/completions`` (OpenAI-compatible,
-SSE when ``"stream": true``; Codex uses it). Replies are deterministic: ``"echo: " + the last
-user message`` (or the prompt).
+``POST /api/chat``, ``POST /api/generate`` (streaming NDJSON unless ``"stream": false``; the last
+chunk has ``done``, ``done_reason``, ``eval_count``, ``eval_duration``, ``prompt_eval_count``,
+``prompt_eval_duration``, ``load_duration``, ``total_duration`` in ns), ``GET /v1/models``,
+``POST /v1/chat/completions`` (OpenAI-compatible, SSE when ``"stream": true``; Codex uses it).
+Replies are deterministic: ``"echo: " + the last user message`` (or the prompt), lengthened to
+``reply_tokens`` tokens with filler words ``w0 w1 ...`` (one word = one token = one chunk),
+cut to ``options.num_predict`` when the request sets it (``done_reason: "length"``).
 
-Control: ``POST /_fake/config`` with any of ``latency_s``, ``jitter_s``, ``mode``
-(``ok | error500 | busy503 | hang | malformed | truncated | huge | missing_content``),
-``huge_chars``, ``fail_next`` (the next N model requests fail), ``fail_next_mode`` (how they
-fail, default ``error500``), ``slots`` (requests processed at once, 0 = unlimited; others
-wait), ``models``. ``POST /_fake/release`` lets every request hanging in ``hang`` mode go on
-(with an ordinary answer), which makes ``hang`` usable as a barrier. ``POST /_fake/reset``
-clears the stats. ``GET /_fake/stats`` returns counts, the prompts received, the calls
-(path, model, stream, options) and the highest concurrency seen.
+Timing, as in real Ollama (see ``tests.fakes.ollama_state``):
+
+- ``slots`` (``OLLAMA_NUM_PARALLEL``, default 1; 0 = unlimited): generations at once. Other
+  requests wait in a FIFO queue of at most ``max_queue`` (``OLLAMA_MAX_QUEUE``, default 512);
+  beyond it the answer is HTTP 503 ``server busy, please try again.  maximum pending requests
+  exceeded``. The slots are shared by every model of the server.
+- ``load_s``: with a slot, a model that is not loaded is loaded first (once; concurrent
+  requests wait for that load); it stays loaded ``keep_alive_s`` (default 300, Ollama's 5m;
+  negative: forever) after its last request, or the request's own ``keep_alive``.
+- ``ttft_s`` (plus ``latency_s`` and up to ``jitter_s``): from holding a loaded model to the
+  first token; then ``tokens_per_s`` (0 = at once). Generation time = ttft + tokens / rate.
+  Waiting in the queue and loading come before that, so a client sees them in its time to the
+  first token; a streamed reply's headers go out with the first chunk, as in Ollama.
+- A client that closes its connection (queued, loading, generating or hanging) is noticed
+  within ``POLL_S`` and its slot freed at once; the request counts in ``cancelled``.
+
+Other settings: ``mode`` (``ok | error500 | busy503 | hang | malformed | truncated | huge |
+missing_content``), ``huge_chars``, ``fail_next`` (the next N model requests fail),
+``fail_next_mode`` (how, default ``error500``), ``models``. ``POST /_fake/config`` (or
+``configure``) changes any of them at runtime; ``POST /_fake/release`` lets every request
+hanging in ``hang`` mode go on (with an ordinary answer), which makes ``hang`` usable as a
+barrier; ``POST /_fake/reset`` clears the stats. ``GET /_fake/stats``: ``requests``,
+``by_path``, ``prompts``, ``calls`` (per request: path, model, stream, options, ``queue_wait_s``,
+``load_s``, ``tokens`` sent, ``outcome``: done | cancelled | busy | a failure mode),
+``in_flight``, ``active`` (slots in use), ``queue_depth``, their high-water marks
+``max_in_flight``, ``max_concurrency``, ``max_queue_depth``, and ``cancelled``,
+``rejected_busy``, ``loads``, ``loaded_models``, ``injected_errors``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
-import random
 import re
-import selectors
+import select
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from tests.support.env import plain_env
-from tests.support.paths import REPO_ROOT
-
-MODES = (
-    "ok",
-    "error500",
-    "busy503",
-    "hang",
-    "malformed",
-    "truncated",
-    "huge",
-    "missing_content",
+from tests.fakes.ollama_process import (
+    FLAGS,
+    REPO_ROOT,
+    FakeOllamaProcess,
+    configure_remote,
+    remote_stats,
 )
-DEFAULT_MODELS = ("gpt-oss:20b",)
+from tests.fakes.ollama_state import (
+    BUSY_MESSAGE,
+    DEFAULT_MODELS,
+    MODES,
+    FakeConfig,
+    FakeState,
+    canonical_model,
+    keep_alive_seconds,
+)
+
+__all__ = [
+    "BUSY_MESSAGE",
+    "DEFAULT_MODELS",
+    "FLAGS",
+    "MODES",
+    "REPO_ROOT",
+    "FakeConfig",
+    "FakeOllama",
+    "FakeOllamaProcess",
+    "canonical_model",
+    "configure_remote",
+    "main",
+    "remote_stats",
+]
+
 FAKE_VERSION = "0.12.6"
-#: "hang" waits this long at most (far beyond any test timeout); stop() ends it at once.
-HANG_S = 3600.0
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
-BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
-
-
-def canonical_model(name: str) -> str:
-    """``llama3.2`` and ``llama3.2:latest`` name the same model, as in Ollama."""
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
 def _now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-@dataclass
-class FakeConfig:
-    """How the fake behaves; changed at runtime through ``configure`` or ``/_fake/config``."""
-
-    latency_s: float = 0.0
-    jitter_s: float = 0.0
-    mode: str = "ok"
-    huge_chars: int = 2_000_000
-    fail_next: int = 0
-    fail_next_mode: str = "error500"
-    slots: int = 0
-    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
-
-    def update(self, changes: dict[str, Any]) -> None:
-        """Apply ``changes`` after validating all of them (nothing changes on error)."""
-        unknown = sorted(set(changes) - set(asdict(self)))
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        new = FakeConfig(**{**asdict(self), **changes})
-        for name in ("latency_s", "jitter_s"):
-            value = getattr(new, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0")
-        for name in ("huge_chars", "fail_next", "slots"):
-            value = getattr(new, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0")
-        for name in ("mode", "fail_next_mode"):
-            if getattr(new, name) not in MODES:
-                raise ValueError(f"{name} must be one of {', '.join(MODES)}")
-        if not isinstance(new.models, list) or not all(isinstance(m, str) for m in new.models):
-            raise ValueError("models must be a list of names")
-        self.__dict__.update(asdict(new))
-
-
-class _State:
-    """Configuration, statistics and the slot gate, shared by all handler threads."""
-
-    def __init__(self, config: FakeConfig, seed: int = 0) -> None:
-        self.config = config
-        self.lock = threading.Condition()
-        self.stopping = threading.Event()
-        self.random = random.Random(seed)
-        self.release_generation = 0
-        self.in_flight = 0  # model requests received and not yet answered
-        self.active = 0  # of those, the ones holding a slot
-        self.requests = 0
-        self.by_path: dict[str, int] = {}
-        self.prompts: list[str] = []
-        self.calls: list[dict[str, Any]] = []
-        self.injected_errors = 0
-        self.max_in_flight = 0
-        self.max_concurrency = 0
-
-    def reset_stats(self) -> None:
-        """Forget what was seen (requests still in flight keep counting)."""
-        with self.lock:
-            self.requests = 0
-            self.by_path = {}
-            self.prompts = []
-            self.calls = []
-            self.injected_errors = 0
-            self.max_in_flight = self.in_flight
-            self.max_concurrency = self.active
-
-    def stats(self) -> dict[str, Any]:
-        with self.lock:
-            return {
-                "requests": self.requests,
-                "by_path": dict(self.by_path),
-                "prompts": list(self.prompts),
-                "calls": [dict(call) for call in self.calls],
-                "injected_errors": self.injected_errors,
-                "in_flight": self.in_flight,
-                "active": self.active,
-                "max_in_flight": self.max_in_flight,
-                "max_concurrency": self.max_concurrency,
-            }
-
-    def configure(self, changes: dict[str, Any]) -> dict[str, Any]:
-        with self.lock:
-            self.config.update(changes)
-            self.lock.notify_all()  # a raised slot limit lets waiters in
-            return asdict(self.config)
-
-    def release_hung(self) -> None:
-        with self.lock:
-            self.release_generation += 1
-            self.lock.notify_all()
-
-    def stop(self) -> None:
-        with self.lock:
-            self.stopping.set()
-            self.lock.notify_all()
-
-    def record(self, path: str, model: str, prompt: str, body: dict[str, Any]) -> None:
-        with self.lock:
-            self.requests += 1
-            self.by_path[path] = self.by_path.get(path, 0) + 1
-            self.prompts.append(prompt)
-            self.calls.append(
-                {
-                    "path": path,
-                    "model": model,
-                    "stream": body.get("stream"),
-                    "options": body.get("options"),
-                }
-            )
-
-    def enter(self) -> bool:
-        """Wait for a free slot; False when the server is stopping."""
-        with self.lock:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            while self.config.slots and self.active >= self.config.slots and not self.stopping.is_set():
-                self.lock.wait()
-            if self.stopping.is_set():
-                self.in_flight -= 1
-                return False
-            self.active += 1
-            self.max_concurrency = max(self.max_concurrency, self.active)
-            return True
-
-    def leave(self) -> None:
-        with self.lock:
-            self.active -= 1
-            self.in_flight -= 1
-            self.lock.notify_all()
-
-    def delay_s(self) -> float:
-        with self.lock:
-            jitter = self.random.uniform(0, self.config.jitter_s) if self.config.jitter_s else 0
-            return float(self.config.latency_s) + jitter
-
-    def effective_mode(self) -> str:
-        """The mode for this request, consuming one ``fail_next`` if any are left."""
-        with self.lock:
-            if self.config.fail_next > 0:
-                self.config.fail_next -= 1
-                self.injected_errors += 1
-                return self.config.fail_next_mode
-            mode = self.config.mode
-            if mode in ("error500", "busy503", "malformed", "truncated", "missing_content"):
-                self.injected_errors += 1
-            return mode
-
-    def hang(self) -> bool:
-        """Block until released or stopped; True when released (the request goes on)."""
-        with self.lock:
-            generation = self.release_generation
-            deadline = time.monotonic() + HANG_S
-            while self.release_generation == generation and not self.stopping.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self.lock.wait(remaining)
-            return self.release_generation != generation and not self.stopping.is_set()
-
-    def known_model(self, model: str) -> bool:
-        with self.lock:
-            wanted = canonical_model(model)
-            return any(canonical_model(name) == wanted for name in self.config.models)
-
-    def models(self) -> list[str]:
-        with self.lock:
-            return list(self.config.models)
-
-    def huge_chars(self) -> int:
-        with self.lock:
-            return self.config.huge_chars
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-    request_queue_size = 128  # many workers connecting at once must not see SYN retries
-
-    def __init__(self, address: tuple[str, int], state: _State, verbose: bool) -> None:
-        self.state = state
-        self.verbose = verbose
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError) and not self.verbose:
-            return  # a client that went away is normal here
-        super().handle_error(request, client_address)
-
-    def close_connections(self) -> None:
-        with self.connections_lock:
-            connections = list(self.connections)
-        for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 def _last_user_text(messages: Any) -> str:
@@ -316,6 +146,100 @@ def _token_count(text: str) -> int:
     return max(1, len(text.split())) if text else 0
 
 
+@dataclass
+class _Reply:
+    """What one model request answers, and when each piece of it is due."""
+
+    pieces: list[str]
+    counts: list[int]  # tokens in each piece
+    done_reason: str
+    prompt_tokens: int
+    received_ns: int  # perf_counter_ns when the request arrived
+    load_ns: int
+    ttft_s: float
+    first_at: float  # time.monotonic() of the first token
+    rate: float  # tokens per second; 0 = all at once
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def content(self) -> str:
+        return "".join(self.pieces)
+
+    def due(self, tokens_before: int) -> float:
+        return self.first_at + (tokens_before / self.rate if self.rate else 0.0)
+
+    def durations(self) -> dict[str, int]:
+        """The final chunk's timings in ns, as Ollama reports them."""
+        now_ns = time.perf_counter_ns()
+        eval_ns = int((time.monotonic() - self.first_at) * 1e9)
+        return {
+            "total_duration": max(1, now_ns - self.received_ns),
+            "load_duration": max(1_000, self.load_ns),
+            "prompt_eval_count": self.prompt_tokens,
+            "prompt_eval_duration": max(1, int(self.ttft_s * 1e9)),
+            "eval_count": self.tokens,
+            "eval_duration": max(1, eval_ns),
+        }
+
+
+def _one(render: Callable[[str], bytes], piece: str) -> list[bytes]:
+    return [render(piece)]
+
+
+def _shape_reply(content: str, reply_tokens: int, num_predict: Any) -> tuple[list[str], list[int], str]:
+    """The reply's pieces and their token counts: lengthened to ``reply_tokens``, cut to
+    ``num_predict``; and the ``done_reason`` that results."""
+    pieces = _pieces(content) if content else []
+    counts = [_token_count(piece) for piece in pieces]
+    missing = reply_tokens - sum(counts)
+    if missing > 0:
+        if pieces and not pieces[-1][-1:].isspace():
+            pieces[-1] += " "
+        pieces += [f"w{index} " for index in range(missing - 1)] + [f"w{missing - 1}"]
+        counts += [1] * missing
+    done_reason = "stop"
+    if isinstance(num_predict, int) and not isinstance(num_predict, bool) and num_predict > 0:
+        kept, total = 0, 0
+        while kept < len(counts) and total + counts[kept] <= num_predict:
+            total += counts[kept]
+            kept += 1
+        if kept < len(pieces):
+            pieces, counts, done_reason = pieces[:kept], counts[:kept], "length"
+    return pieces, counts, done_reason
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 128  # many workers connecting at once must not see SYN retries
+
+    def __init__(self, address: tuple[str, int], state: FakeState, verbose: bool) -> None:
+        self.state = state
+        self.verbose = verbose
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError) and not self.verbose:
+            return  # a client that went away is normal here
+        super().handle_error(request, client_address)
+
+    def close_connections(self) -> None:
+        with self.connections_lock:
+            connections = list(self.connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     # Real Ollama (Go) sets TCP_NODELAY; without it every reply waits ~40 ms on delayed ACKs.
@@ -342,7 +266,7 @@ class _Handler(BaseHTTPRequestHandler):
             sys.stderr.write(f"fake-ollama: {format % args}\n")
 
     @property
-    def state(self) -> _State:
+    def state(self) -> FakeState:
         return self.server.state
 
     def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
@@ -377,26 +301,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-
-    def _send_stream(self, chunks: Iterable[bytes], content_type: str, truncate: bool) -> None:
-        """A chunked response; with ``truncate`` the connection drops before the last chunk."""
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        items = list(chunks)
-        if truncate:
-            items = items[: max(1, len(items) // 2)]
-        for data in items:
-            self.wfile.write(f"{len(data):X}\r\n".encode("ascii") + data + b"\r\n")
-        if truncate:
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
-        self.wfile.write(b"0\r\n\r\n")
 
     def _read_json(self) -> tuple[dict[str, Any] | None, str | None]:
         length = int(self.headers.get("Content-Length") or 0)
@@ -488,7 +392,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- the model endpoints ----------------------------------------------------------------
 
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection (as Ollama notices a cancelled request)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _abandon(self, call: dict[str, Any], **values: Any) -> None:
+        """Stop answering: the client left (``cancelled``) or the server stops."""
+        outcome = "stopped" if self.state.stopping.is_set() else "cancelled"
+        self.state.note(call, outcome=outcome, **values)
+        self.close_connection = True
+
     def _model_request(self, path: str) -> None:
+        received_ns = time.perf_counter_ns()
         openai = path.startswith("/v1/")
         body, error = self._read_json()
         if body is None:
@@ -501,169 +422,260 @@ class _Handler(BaseHTTPRequestHandler):
         if "options" in body and body["options"] is not None and not isinstance(body["options"], dict):
             self._send_error_json(400, "options must be an object", openai)
             return
+        try:
+            keep_alive_s = keep_alive_seconds(body.get("keep_alive"), self.state.setting("keep_alive_s"))
+        except ValueError as exc:
+            self._send_error_json(400, str(exc), openai)
+            return
         if path == "/api/generate":
             prompt = body.get("prompt") if isinstance(body.get("prompt"), str) else ""
         else:
             prompt = _last_user_text(body.get("messages"))
-        self.state.record(path, model, str(prompt), body)
+        call = self.state.record(path, model, str(prompt), body)
         if not self.state.known_model(model):
+            self.state.note(call, outcome="model_not_found")
             self._send_error_json(404, f'model "{model}" not found, try pulling it first', openai)
             return
-        if not self.state.enter():
-            self.close_connection = True
-            return
-        try:
-            self._answer(path, model, str(prompt), body, openai)
-        finally:
-            self.state.leave()
-
-    def _answer(self, path: str, model: str, prompt: str, body: dict[str, Any], openai: bool) -> None:
-        if self.state.stopping.wait(self.state.delay_s()):
-            self.close_connection = True
-            return
-        mode = self.state.effective_mode()
-        if mode == "hang":
-            if not self.state.hang():
-                self.close_connection = True
-                return
-            mode = "ok"
-        if mode == "error500":
-            self._send_error_json(500, "fake ollama: injected internal server error", openai)
-            return
-        if mode == "busy503":
+        admitted = self.state.enter(call, self._client_gone)
+        if admitted == "busy":
             self._send_error_json(503, BUSY_MESSAGE, openai)
             return
-        if mode == "malformed":
-            self._send(200, b'{"model": "fake", this is not json', "application/json")
+        if admitted != "ok":
+            self.close_connection = True
             return
-        content = f"echo: {prompt}"
-        if mode == "huge":
-            size = self.state.huge_chars()
-            filler = " lorem ipsum dolor sit amet"
-            content = (content + filler * (size // len(filler) + 1))[:size]
-        # Ollama streams unless told not to; the OpenAI-compatible endpoint only when asked.
-        stream = bool(body.get("stream", not openai))
-        truncate = mode == "truncated"
-        if openai:
-            self._answer_openai(model, content, prompt, stream, truncate, mode)
-        else:
-            self._answer_ollama(path, model, content, prompt, stream, truncate, mode)
+        held: list[str] = []  # the model this request holds loaded, once it does
+        try:
+            self._answer(path, model, str(prompt), body, openai, call, received_ns, held)
+        finally:
+            self.state.leave(held[0] if held else None, keep_alive_s)
 
-    def _answer_ollama(
+    def _answer(
         self,
         path: str,
         model: str,
-        content: str,
         prompt: str,
-        stream: bool,
-        truncate: bool,
-        mode: str,
+        body: dict[str, Any],
+        openai: bool,
+        call: dict[str, Any],
+        received_ns: int,
+        held: list[str],
     ) -> None:
-        chat = path == "/api/chat"
+        if not self.state.pause(self.state.delay_s(), self._client_gone):
+            self._abandon(call)
+            return
+        mode = self.state.effective_mode()
+        if mode == "hang":
+            if not self.state.hang(self._client_gone):
+                self._abandon(call)
+                return
+            mode = "ok"
+        if mode in ("error500", "busy503", "malformed"):
+            self.state.note(call, outcome=mode)
+            if mode == "error500":
+                self._send_error_json(500, "fake ollama: injected internal server error", openai)
+            elif mode == "busy503":
+                self._send_error_json(503, BUSY_MESSAGE, openai)
+            else:
+                self._send(200, b'{"model": "fake", this is not json', "application/json")
+            return
+        load_s = self.state.ensure_loaded(model, self._client_gone)
+        if load_s is None:
+            self._abandon(call)
+            return
+        held.append(model)
         load_only = prompt == "" and path == "/api/generate"
-        if load_only:
-            content = ""
-        started = time.perf_counter_ns()
+        content = "" if load_only else f"echo: {prompt}"
+        if mode == "huge":
+            size = self.state.setting("huge_chars")
+            filler = " lorem ipsum dolor sit amet"
+            content = (content + filler * (size // len(filler) + 1))[:size]
+        options = body.get("options") or {}
+        reply_tokens = 0 if load_only else self.state.setting("reply_tokens")
+        pieces, counts, done_reason = _shape_reply(content, reply_tokens, options.get("num_predict"))
+        ttft_s = float(self.state.setting("ttft_s"))
+        reply = _Reply(
+            pieces=pieces,
+            counts=counts,
+            done_reason="load" if load_only else done_reason,
+            prompt_tokens=_token_count(prompt),
+            received_ns=received_ns,
+            load_ns=int(load_s * 1e9),
+            ttft_s=ttft_s,
+            first_at=time.monotonic() + ttft_s,
+            rate=float(self.state.setting("tokens_per_s")),
+        )
+        self.state.note(call, load_s=round(load_s, 6), tokens=0)
+        # Ollama streams unless told not to; the OpenAI-compatible endpoint only when asked.
+        stream = bool(body.get("stream", not openai))
+        if openai:
+            self._answer_openai(model, reply, stream, mode, call)
+        else:
+            self._answer_ollama(path == "/api/chat", model, reply, stream, mode, call)
 
+    def _stream(
+        self,
+        reply: _Reply,
+        render: Callable[[str], bytes],
+        final: Callable[[], list[bytes]],
+        content_type: str,
+        truncate: bool,
+        call: dict[str, Any],
+    ) -> None:
+        """Send ``reply`` chunk by chunk at its pace; with ``truncate`` drop the line halfway."""
+        pieces = reply.pieces[: max(1, len(reply.pieces) // 2)] if truncate else reply.pieces
+        events: list[tuple[float, Callable[[], list[bytes]], int]] = []
+        before = 0
+        for piece, count in zip(pieces, reply.counts, strict=False):
+            events.append((reply.due(before), functools.partial(_one, render, piece), count))
+            before += count
+        if not truncate:
+            events.append((reply.due(reply.tokens), final, 0))
+        sent = 0
+        headers_sent = False
+        index = 0
+        while index < len(events):
+            if not self.state.pause_until(events[index][0], self._client_gone) or self._client_gone():
+                self._abandon(call, tokens=sent)
+                return
+            now = time.monotonic()
+            out = bytearray()
+            tokens = 0
+            while index < len(events) and events[index][0] <= now:
+                for data in events[index][1]():
+                    out += f"{len(data):X}\r\n".encode("ascii") + data + b"\r\n"
+                tokens += events[index][2]
+                index += 1
+            try:
+                if not headers_sent:
+                    self.send_response(200)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    headers_sent = True
+                self.wfile.write(bytes(out))
+                self.wfile.flush()
+            except OSError:
+                self._abandon(call, tokens=sent)
+                return
+            sent += tokens
+        if truncate:
+            self.state.note(call, outcome="truncated", tokens=sent)
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        self.wfile.write(b"0\r\n\r\n")
+        self.state.note(call, outcome="done", tokens=sent)
+
+    def _answer_whole(
+        self, reply: _Reply, data: dict[str, Any] | Callable[[], dict[str, Any]], content_type: str,
+        truncate: bool, call: dict[str, Any],
+    ) -> None:
+        """Wait until the whole reply is generated, then send it in one body."""
+        if not self.state.pause_until(reply.due(reply.tokens), self._client_gone):
+            self._abandon(call)
+            return
+        encoded = json.dumps(data() if callable(data) else data).encode("utf-8")
+        if truncate:
+            self.state.note(call, outcome="truncated")
+            self._send_truncated(encoded, content_type)
+            return
+        self._send(200, encoded, content_type)
+        self.state.note(call, outcome="done", tokens=reply.tokens)
+
+    def _answer_ollama(
+        self, chat: bool, model: str, reply: _Reply, stream: bool, mode: str, call: dict[str, Any]
+    ) -> None:
         def piece(text: str) -> dict[str, Any]:
             base: dict[str, Any] = {"model": model, "created_at": _now_rfc3339()}
-            if chat:
-                base["message"] = {"role": "assistant", "content": text}
-            else:
-                base["response"] = text
+            if mode != "missing_content":
+                if chat:
+                    base["message"] = {"role": "assistant", "content": text}
+                else:
+                    base["response"] = text
             base["done"] = False
             return base
 
         def final(text: str) -> dict[str, Any]:
             data = piece(text)
             data["done"] = True
-            data["done_reason"] = "load" if load_only else "stop"
+            data["done_reason"] = reply.done_reason
             if not chat:
                 data["context"] = [1, 2, 3]
-            elapsed = max(1, time.perf_counter_ns() - started)
-            data.update(
-                {
-                    "total_duration": elapsed,
-                    "load_duration": 1_000,
-                    "prompt_eval_count": _token_count(prompt),
-                    "prompt_eval_duration": elapsed // 3,
-                    "eval_count": _token_count(content),
-                    "eval_duration": elapsed // 2,
-                }
-            )
+            data.update(reply.durations())
             return data
 
+        truncate = mode == "truncated"
         if stream:
-            lines = [json.dumps(piece(p)).encode() + b"\n" for p in _pieces(content)]
-            lines.append(json.dumps(final("")).encode() + b"\n")
-            self._send_stream(lines, "application/x-ndjson", truncate)
-            return
-        reply = final(content)
-        if mode == "missing_content":
-            reply.pop("message", None)
-            reply.pop("response", None)
-        encoded = json.dumps(reply).encode("utf-8")
-        if truncate:
-            self._send_truncated(encoded, "application/json; charset=utf-8")
+            self._stream(
+                reply,
+                lambda text: json.dumps(piece(text)).encode() + b"\n",
+                lambda: [json.dumps(final("")).encode() + b"\n"],
+                "application/x-ndjson",
+                truncate,
+                call,
+            )
         else:
-            self._send(200, encoded, "application/json; charset=utf-8")
+            content_type = "application/json; charset=utf-8"
+            self._answer_whole(reply, lambda: final(reply.content), content_type, truncate, call)
 
     def _answer_openai(
-        self, model: str, content: str, prompt: str, stream: bool, truncate: bool, mode: str
+        self, model: str, reply: _Reply, stream: bool, mode: str, call: dict[str, Any]
     ) -> None:
         created = int(time.time())
         ident = f"chatcmpl-{self.state.random.randrange(10**9)}"
-        usage = {
-            "prompt_tokens": _token_count(prompt),
-            "completion_tokens": _token_count(content),
-            "total_tokens": _token_count(prompt) + _token_count(content),
-        }
-        if stream:
-            events = []
-            for index, text in enumerate(_pieces(content)):
-                delta = {"role": "assistant", "content": text} if index == 0 else {"content": text}
-                chunk = {
-                    "id": ident,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "system_fingerprint": "fp_ollama",
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
-                }
-                events.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            last = {
+        finish = "length" if reply.done_reason == "length" else "stop"
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
+            data = {
                 "id": ident,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": model,
                 "system_fingerprint": "fp_ollama",
-                "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
             }
-            events.append(b"data: " + json.dumps(last).encode() + b"\n\n")
-            events.append(b"data: [DONE]\n\n")
-            self._send_stream(events, "text/event-stream", truncate)
+            return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+        first = [True]
+
+        def render(text: str) -> bytes:
+            delta = {"role": "assistant", "content": text} if first[0] else {"content": text}
+            first[0] = False
+            return chunk(delta, None)
+
+        truncate = mode == "truncated"
+        if stream:
+            final = lambda: [chunk({"content": ""}, finish), b"data: [DONE]\n\n"]  # noqa: E731
+            self._stream(reply, render, final, "text/event-stream", truncate, call)
             return
-        message: dict[str, Any] = {"role": "assistant", "content": content}
+        message: dict[str, Any] = {"role": "assistant", "content": reply.content}
         if mode == "missing_content":
             message = {"role": "assistant"}
-        reply = {
+        data = {
             "id": ident,
             "object": "chat.completion",
             "created": created,
             "model": model,
             "system_fingerprint": "fp_ollama",
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-            "usage": usage,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": {
+                "prompt_tokens": reply.prompt_tokens,
+                "completion_tokens": reply.tokens,
+                "total_tokens": reply.prompt_tokens + reply.tokens,
+            },
         }
-        encoded = json.dumps(reply).encode("utf-8")
-        if truncate:
-            self._send_truncated(encoded, "application/json")
-        else:
-            self._send(200, encoded, "application/json")
+        self._answer_whole(reply, data, "application/json", truncate, call)
 
 
 class FakeOllama:
-    """The fake server in a background thread of this process."""
+    """The fake server in a background thread of this process.
+
+    ``config`` takes any ``FakeConfig`` setting (``slots=2, ttft_s=0.5, ...``); ``models``
+    are the names ``/api/tags`` lists and the model endpoints accept.
+    """
 
     def __init__(
         self,
@@ -671,25 +683,12 @@ class FakeOllama:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        latency_s: float = 0.0,
-        jitter_s: float = 0.0,
-        slots: int = 0,
-        mode: str = "ok",
-        huge_chars: int = 2_000_000,
         verbose: bool = False,
+        **config: Any,
     ) -> None:
-        config = FakeConfig()
-        config.update(
-            {
-                "models": list(models),
-                "latency_s": latency_s,
-                "jitter_s": jitter_s,
-                "slots": slots,
-                "mode": mode,
-                "huge_chars": huge_chars,
-            }
-        )
-        self._state = _State(config)
+        settings = FakeConfig()
+        settings.update({"models": list(models), **config})
+        self._state = FakeState(settings)
         self._address = (host, port)
         self._verbose = verbose
         self._server: _Server | None = None
@@ -757,145 +756,6 @@ class FakeOllama:
         self._state.release_hung()
 
 
-# -- driving a fake that runs in another process ----------------------------------------------
-
-
-def _post_json(url: str, data: dict[str, Any], timeout_s: float = 5.0) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(data).encode("utf-8"),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        result: dict[str, Any] = json.loads(response.read())
-        return result
-
-
-def configure_remote(url: str, **changes: Any) -> dict[str, Any]:
-    """``POST {url}/_fake/config``."""
-    return _post_json(f"{url}/_fake/config", changes)
-
-
-def remote_stats(url: str) -> dict[str, Any]:
-    """``GET {url}/_fake/stats``."""
-    with urllib.request.urlopen(f"{url}/_fake/stats", timeout=5.0) as response:
-        result: dict[str, Any] = json.loads(response.read())
-        return result
-
-
-class FakeOllamaProcess:
-    """The fake server as a child process (``python -m tests.fakes.ollama_server``)."""
-
-    def __init__(
-        self,
-        models: Sequence[str] = DEFAULT_MODELS,
-        *,
-        latency_s: float = 0.0,
-        jitter_s: float = 0.0,
-        slots: int = 0,
-        mode: str = "ok",
-        python: str = sys.executable,
-        start_timeout_s: float = 15.0,
-    ) -> None:
-        self.argv = [
-            python,
-            "-m",
-            "tests.fakes.ollama_server",
-            "--port",
-            "0",
-            "--models",
-            *models,
-            "--latency",
-            str(latency_s),
-            "--latency-jitter",
-            str(jitter_s),
-            "--slots",
-            str(slots),
-            "--mode",
-            mode,
-        ]
-        self.start_timeout_s = start_timeout_s
-        self.process: subprocess.Popen[bytes] | None = None
-        self._url: str | None = None
-
-    @property
-    def url(self) -> str:
-        if self._url is None:
-            raise RuntimeError("FakeOllamaProcess is not started")
-        return self._url
-
-    def start(self) -> FakeOllamaProcess:
-        self.process = subprocess.Popen(
-            self.argv, cwd=REPO_ROOT, env=plain_env(), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
-        )
-        try:
-            self._url = self._read_ready_line()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _read_ready_line(self) -> str:
-        assert self.process is not None and self.process.stdout is not None
-        deadline = time.monotonic() + self.start_timeout_s
-        buffer = b""
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.process.stdout, selectors.EVENT_READ)
-            while b"\n" not in buffer:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("fake Ollama did not print READY in time")
-                if not selector.select(remaining):
-                    continue
-                data = os.read(self.process.stdout.fileno(), 4096)
-                if not data:
-                    raise RuntimeError(f"fake Ollama exited before READY (code {self.process.poll()})")
-                buffer += data
-        line = buffer.split(b"\n", 1)[0].decode()
-        if not line.startswith("READY "):
-            raise RuntimeError(f"unexpected first line from fake Ollama: {line!r}")
-        return line.split(" ", 1)[1].strip()
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        process = self.process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout_s)
-        if process.stdout is not None:
-            process.stdout.close()
-        self.process = None
-
-    def __enter__(self) -> FakeOllamaProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def configure(self, **changes: Any) -> dict[str, Any]:
-        return configure_remote(self.url, **changes)
-
-    def stats(self) -> dict[str, Any]:
-        return remote_stats(self.url)
-
-    def reset_stats(self) -> None:
-        _post_json(f"{self.url}/_fake/reset", {})
-
-    def release(self) -> None:
-        _post_json(f"{self.url}/_fake/release", {})
-
-
 # -- standalone -------------------------------------------------------------------------------
 
 
@@ -904,25 +764,41 @@ def _model_names(values: Iterable[str]) -> Iterator[str]:
         yield from (name for name in value.split(",") if name)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tests.fakes.ollama_server",
         description="A stand-in for Ollama's HTTP API; prints 'READY <url>' once listening.",
     )
+    defaults = FakeConfig()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="names (or comma lists)")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
-    parser.add_argument("--latency-jitter", type=float, default=0.0, help="extra 0..N seconds")
-    parser.add_argument("--slots", type=int, default=0, help="requests at once (0: unlimited)")
+    helps = {
+        "latency_s": (float, "extra seconds before the first token"),
+        "jitter_s": (float, "extra 0..N seconds before the first token"),
+        "slots": (int, "generations at once, OLLAMA_NUM_PARALLEL (0: unlimited)"),
+        "max_queue": (int, "requests waiting beyond the slots before 503, OLLAMA_MAX_QUEUE"),
+        "load_s": (float, "seconds to load a model on first use"),
+        "keep_alive_s": (float, "seconds a model stays loaded after use (negative: forever)"),
+        "ttft_s": (float, "seconds from a loaded model to the first token"),
+        "tokens_per_s": (float, "generation speed (0: at once)"),
+        "reply_tokens": (int, "tokens per reply at least (0: just the echo)"),
+        "huge_chars": (int, "characters of a reply in huge mode"),
+    }
+    for name, (kind, text) in helps.items():
+        default = getattr(defaults, name)
+        parser.add_argument(FLAGS[name], dest=name, type=kind, default=default,
+                            help=f"{text} (default {default})")
     parser.add_argument("--mode", choices=MODES, default="ok")
-    parser.add_argument("--huge-chars", type=int, default=2_000_000)
     parser.add_argument(
         "--keep-running", action="store_true", help="do not exit when the parent process exits"
     )
     parser.add_argument("--verbose", action="store_true", help="log requests to stderr")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -930,17 +806,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    fake = FakeOllama(
-        list(_model_names(args.models)),
-        host=args.host,
-        port=args.port,
-        latency_s=args.latency,
-        jitter_s=args.latency_jitter,
-        slots=args.slots,
-        mode=args.mode,
-        huge_chars=args.huge_chars,
-        verbose=args.verbose,
-    ).start()
+    settings = {name: getattr(args, name) for name in FLAGS}
+    try:
+        fake = FakeOllama(
+            list(_model_names(args.models)), host=args.host, port=args.port, verbose=args.verbose,
+            **settings,
+        ).start()
+    except ValueError as exc:
+        print(f"fake-ollama: {exc}", file=sys.stderr)
+        return 2
     parent = os.getppid()
     try:
         print(f"READY {fake.url}", flush=True)

@@ -61,7 +61,7 @@ def test_a_burst_grows_the_pool_to_max_in_one_decision_then_idle_workers_retire_
     supervisor = in_process_supervisor()
     tick_until(supervisor, lambda: supervisor.health()["workers"]["idle"] == 1, 20,
                "the first worker to be ready")
-    fake_ollama.configure(latency_s=0.5)
+    fake_ollama.configure(latency_s=0.5, slots=3)  # a model server that can serve the whole pool
     tasks = submit(sqlite_store, pool_settings, 12)
 
     decision = supervisor.tick(utcnow())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from koubou_mcp.backends import (
     MAX_RESULT_CHARS,
     BackendRequest,
     CodexBackend,
+    GenerationProgress,
     PermanentBackendError,
 )
 from koubou_mcp.backends.codex import STDERR_EXCERPT_CHARS, _Tail, oss_base_url
@@ -98,8 +99,16 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
                 os.kill(pid, signal.SIGKILL)
 
 
-def request(prompt: str = "write a haiku", timeout_s: float = 30.0) -> BackendRequest:
-    return BackendRequest(task_id="t-1", prompt=prompt, timeout_s=timeout_s)
+def request(
+    prompt: str = "write a haiku",
+    timeout_s: float = 30.0,
+    *,
+    model: str | None = None,
+    on_progress: Callable[[GenerationProgress], None] | None = None,
+) -> BackendRequest:
+    return BackendRequest(
+        task_id="t-1", prompt=prompt, timeout_s=timeout_s, model=model, on_progress=on_progress
+    )
 
 
 # -- success ---------------------------------------------------------------------------------
@@ -129,6 +138,7 @@ async def test_codex_is_run_with_exactly_the_documented_arguments(harness: Harne
         "workspace-write",
         "--color",
         "never",
+        "--json",
         "-C",
         str(harness.workdir),
         "-o",
@@ -310,6 +320,17 @@ async def test_a_non_zero_exit_is_permanent_with_the_code_and_stderr(harness: Ha
 
 
 @pytest.mark.anyio
+async def test_the_error_codex_reported_in_its_event_stream_leads_the_message(
+    harness: Harness,
+) -> None:
+    with pytest.raises(PermanentBackendError) as caught:
+        await harness.backend("fail").run(request())
+    assert str(caught.value).startswith(
+        "codex exited with code 3: fake codex failure: the model refused to cooperate"
+    )
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize(("name", "expected"), [("KILL", "SIGKILL"), ("TERM", "SIGTERM")])
 async def test_death_by_signal_is_permanent_and_names_the_signal(
     harness: Harness, name: str, expected: str
@@ -337,6 +358,55 @@ async def test_no_output_file_is_left_behind_whatever_the_outcome(harness: Harne
     [record] = harness.records()
     assert Path(record["argv"][-2]).parent == harness.outputs
     assert list(harness.outputs.iterdir()) == []
+
+
+# -- the event stream: progress, model ---------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_progress_follows_codexs_steps_and_its_last_message(harness: Harness) -> None:
+    reports: list[GenerationProgress] = []
+    backend = harness.backend(FAKE_CODEX_STEPS="3")
+    assert await backend.run(request("refactor", on_progress=reports.append)) == "codex: refactor"
+    assert [r.steps for r in reports] == sorted(r.steps for r in reports)
+    assert reports[0].first_token_s is not None
+    last = reports[-1]
+    assert last.done
+    assert last.steps == 4  # three commands and the answer
+    assert last.last_message == last.text == "codex: refactor"
+    assert last.tokens == 2  # turn.completed's output_tokens
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_run_leaves_the_last_message_it_had_in_the_last_report(
+    harness: Harness,
+) -> None:
+    reports: list[GenerationProgress] = []
+    backend = harness.backend("hang")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(backend.run, request(on_progress=reports.append))
+        await async_wait_until(lambda: bool(reports) and reports[-1].last_message is not None, timeout=20)
+        tg.cancel_scope.cancel()
+    last = reports[-1]
+    assert (last.done, last.steps, last.last_message) == (False, 2, "working on it")
+    pids = harness.pids()
+    assert pids is not None
+    wait_until(lambda: _tree_is_gone(pids))
+
+
+@pytest.mark.anyio
+async def test_the_answer_comes_from_the_event_stream_when_the_output_file_is_empty(
+    harness: Harness,
+) -> None:
+    assert await harness.backend("stdout_only").run(request("hi")) == "codex: hi"
+
+
+@pytest.mark.anyio
+async def test_a_request_can_run_codex_on_another_model(harness: Harness) -> None:
+    await harness.backend().run(request(model="qwen3-coder:30b"))
+    [record] = harness.records()
+    argv = record["argv"]
+    assert argv[argv.index("-m") + 1] == "qwen3-coder:30b"
 
 
 # -- timeouts and cancellation ---------------------------------------------------------------

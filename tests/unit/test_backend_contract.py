@@ -20,9 +20,10 @@ from koubou_mcp.backends import (
     BackendError,
     BackendRequest,
     CodexBackend,
+    GenerationProgress,
     OllamaBackend,
 )
-from tests.fakes import read_pidfile
+from tests.fakes import read_pidfile, read_records
 from tests.fakes.ollama_server import FakeOllama
 from tests.support.env import fake_codex_env
 from tests.support.paths import FAKE_CODEX_PATH
@@ -46,6 +47,7 @@ class Case:
     answer: Callable[[str], str]  # prompt -> expected result
     started: Callable[[], bool]  # a hanging call has reached the stand-in
     cleaned_up: Callable[[], bool]  # nothing the call started is left running
+    models_used: Callable[[], list[str]]  # the model of each call the stand-in saw
     backends: list[Backend] = field(default_factory=list)
 
     def backend(self, mode: str = "ok") -> Backend:
@@ -64,15 +66,20 @@ def _ollama_case(fake: FakeOllama) -> Case:
         make=make,
         answer=lambda prompt: f"echo: {prompt}",
         started=lambda: fake.stats()["active"] >= 1,
-        cleaned_up=lambda: True,  # the HTTP request is simply abandoned
+        # the stream is closed: the stand-in noticed and freed its slot
+        cleaned_up=lambda: fake.stats()["active"] == 0 and fake.stats()["cancelled"] >= 1,
+        models_used=lambda: [call["model"] for call in fake.stats()["calls"]],
     )
 
 
 def _codex_case(tmp_path: Path) -> Case:
     pidfile = tmp_path / "pids.json"
+    record = tmp_path / "record.jsonl"
 
     def make(mode: str) -> Backend:
-        env = fake_codex_env(FAKE_CODEX_MODE=mode, FAKE_CODEX_PIDFILE=str(pidfile))
+        env = fake_codex_env(
+            FAKE_CODEX_MODE=mode, FAKE_CODEX_PIDFILE=str(pidfile), FAKE_CODEX_RECORD=str(record)
+        )
         return CodexBackend(
             str(FAKE_CODEX_PATH),
             MODEL,
@@ -92,13 +99,14 @@ def _codex_case(tmp_path: Path) -> Case:
         answer=lambda prompt: f"codex: {prompt}",
         started=lambda: pidfile.exists(),
         cleaned_up=cleaned_up,
+        models_used=lambda: [r["argv"][r["argv"].index("-m") + 1] for r in read_records(record)],
     )
 
 
 @pytest.fixture(params=["ollama", "codex"])
 async def case(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Case]:
     if request.param == "ollama":
-        with FakeOllama(models=[MODEL]) as fake:
+        with FakeOllama(models=[MODEL, "llama3.2"]) as fake:
             case = _ollama_case(fake)
             yield case
             for backend in case.backends:
@@ -114,8 +122,17 @@ async def case(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
                 os.kill(pid, signal.SIGKILL)
 
 
-def request(prompt: str = "summarise the plan", timeout_s: float = 30.0) -> BackendRequest:
-    return BackendRequest(task_id="t-contract", prompt=prompt, timeout_s=timeout_s)
+def request(
+    prompt: str = "summarise the plan",
+    timeout_s: float = 30.0,
+    *,
+    model: str | None = None,
+    on_progress: Callable[[GenerationProgress], None] | None = None,
+) -> BackendRequest:
+    return BackendRequest(
+        task_id="t-contract", prompt=prompt, timeout_s=timeout_s, model=model,
+        on_progress=on_progress,
+    )
 
 
 @pytest.mark.anyio
@@ -179,3 +196,35 @@ async def test_a_backend_can_be_closed_twice(case: Case) -> None:
     backend = case.backend()
     await backend.aclose()
     await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_backend_reports_progress_ending_in_a_done_report_with_the_answer(
+    case: Case,
+) -> None:
+    reports: list[GenerationProgress] = []
+    result = await case.backend().run(request("2+2?", on_progress=reports.append))
+    assert reports, "no progress was reported"
+    last = reports[-1]
+    assert last.done and last.text == result == case.answer("2+2?")
+    assert last.first_token_s is not None and last.elapsed_s >= last.first_token_s
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_backend_reports_its_progress_before_it_stops(case: Case) -> None:
+    reports: list[GenerationProgress] = []
+    backend = case.backend("hang")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(backend.run, request(on_progress=reports.append))
+        await async_wait_until(case.started, timeout=20)
+        tg.cancel_scope.cancel()
+    assert reports and not reports[-1].done
+    wait_until(case.cleaned_up)
+
+
+@pytest.mark.anyio
+async def test_a_request_runs_on_the_model_it_names(case: Case) -> None:
+    backend = case.backend()
+    await backend.run(request())
+    await backend.run(request(model="llama3.2"))
+    assert case.models_used() == [MODEL, "llama3.2"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import anyio
 import httpx
@@ -18,6 +18,7 @@ import pytest
 from koubou_mcp.backends import (
     MAX_RESULT_CHARS,
     BackendRequest,
+    GenerationProgress,
     OllamaBackend,
     PermanentBackendError,
     TransientBackendError,
@@ -55,8 +56,26 @@ def closed_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def request(prompt: str = "hello", timeout_s: float = 10.0) -> BackendRequest:
-    return BackendRequest(task_id="t-1", prompt=prompt, timeout_s=timeout_s)
+def request(
+    prompt: str = "hello",
+    timeout_s: float = 10.0,
+    *,
+    model: str | None = None,
+    on_progress: Callable[[GenerationProgress], None] | None = None,
+) -> BackendRequest:
+    return BackendRequest(
+        task_id="t-1", prompt=prompt, timeout_s=timeout_s, model=model, on_progress=on_progress
+    )
+
+
+def ndjson_reply(*chunks: dict[str, object]) -> Callable[[httpx.Request], httpx.Response]:
+    """A mock transport handler answering with these NDJSON chunks."""
+    body = b"".join(json.dumps(chunk).encode() + b"\n" for chunk in chunks)
+
+    def reply(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "application/x-ndjson"})
+
+    return reply
 
 
 # -- success ---------------------------------------------------------------------------------
@@ -68,7 +87,7 @@ async def test_run_returns_the_models_reply_to_the_prompt(backend: OllamaBackend
 
 
 @pytest.mark.anyio
-async def test_run_sends_the_model_the_prompt_no_streaming_and_the_options(
+async def test_run_streams_the_prompt_to_the_model_with_the_options(
     fake: FakeOllama,
 ) -> None:
     backend = OllamaBackend(fake.url + "/", MODEL, options={"temperature": 0, "num_ctx": 8192})
@@ -78,14 +97,14 @@ async def test_run_sends_the_model_the_prompt_no_streaming_and_the_options(
         await backend.aclose()
     stats = fake.stats()
     assert stats["prompts"] == ["line one\nline two"]
-    assert stats["calls"] == [
-        {
-            "path": "/api/chat",
-            "model": MODEL,
-            "stream": False,
-            "options": {"temperature": 0, "num_ctx": 8192},
-        }
-    ]
+    [call] = stats["calls"]
+    assert {key: call[key] for key in ("path", "model", "stream", "options", "outcome")} == {
+        "path": "/api/chat",
+        "model": MODEL,
+        "stream": True,
+        "options": {"temperature": 0, "num_ctx": 8192},
+        "outcome": "done",
+    }
 
 
 @pytest.mark.anyio
@@ -280,6 +299,144 @@ async def test_aclose_leaves_a_client_it_was_given_open(fake: FakeOllama) -> Non
         await backend.aclose()
         assert not client.is_closed
         assert await backend.run(request()) == "echo: hello"
+
+
+# -- streaming, progress, model override ----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_progress_is_reported_as_the_answer_streams_in(
+    fake: FakeOllama, backend: OllamaBackend
+) -> None:
+    fake.configure(reply_tokens=40, tokens_per_s=100)  # 0.4 s of generation: several reports
+    reports: list[GenerationProgress] = []
+    result = await backend.run(request("count", on_progress=reports.append))
+    assert len(reports) >= 3
+    assert reports[0].tokens >= 1 and reports[0].first_token_s is not None
+    assert all(not report.done for report in reports[:-1])
+    assert [r.tokens for r in reports] == sorted(r.tokens for r in reports)
+    for earlier, later in zip(reports, reports[1:], strict=False):
+        assert later.text.startswith(earlier.text)
+    last = reports[-1]
+    assert last.done and last.text == result
+    assert result.startswith("echo: count w0") and len(result.split()) == 40
+    assert last.tokens == 40  # the final chunk's eval_count
+    assert last.eval_tokens_per_s is not None and last.eval_tokens_per_s > 0
+    assert last.load_s is not None
+    assert last.elapsed_s >= last.first_token_s
+
+
+@pytest.mark.anyio
+async def test_cancelling_mid_stream_closes_it_frees_the_slot_and_keeps_the_text_so_far(
+    fake: FakeOllama, backend: OllamaBackend
+) -> None:
+    fake.configure(slots=1, reply_tokens=100_000, tokens_per_s=100)  # far longer than the test
+    reports: list[GenerationProgress] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(backend.run, request("long", on_progress=reports.append))
+        await async_wait_until(lambda: bool(reports) and reports[-1].tokens >= 5, timeout=10)
+        tg.cancel_scope.cancel()
+    await async_wait_until(lambda: fake.stats()["active"] == 0 and fake.stats()["cancelled"] == 1)
+    [call] = fake.stats()["calls"]
+    assert call["outcome"] == "cancelled"
+    last = reports[-1]
+    assert not last.done
+    assert last.text.startswith("echo: long w0")
+    assert last.tokens >= 5
+    fake.configure(reply_tokens=0, tokens_per_s=0)
+    assert await backend.run(request("next")) == "echo: next"  # the one slot is free again
+
+
+@pytest.mark.anyio
+async def test_a_timeout_mid_stream_keeps_the_text_so_far_in_the_last_report(
+    fake: FakeOllama, backend: OllamaBackend
+) -> None:
+    fake.configure(reply_tokens=100_000, tokens_per_s=100)
+    reports: list[GenerationProgress] = []
+    with pytest.raises(TimeoutError):
+        with anyio.fail_after(30) as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def expire_once_streaming() -> None:
+                    await async_wait_until(lambda: bool(reports) and reports[-1].tokens >= 3, timeout=10)
+                    scope.deadline = anyio.current_time()
+
+                tg.start_soon(expire_once_streaming)
+                await backend.run(request("slow", on_progress=reports.append))
+    assert reports[-1].text.startswith("echo: slow")
+    await async_wait_until(lambda: fake.stats()["active"] == 0)
+
+
+@pytest.mark.anyio
+async def test_a_request_can_run_on_another_model_than_the_backends(
+    fake: FakeOllama, backend: OllamaBackend
+) -> None:
+    assert await backend.run(request("hi", model="llama3.2")) == "echo: hi"
+    assert [call["model"] for call in fake.stats()["calls"]] == ["llama3.2"]
+    with pytest.raises(PermanentBackendError) as caught:
+        await backend.run(request(model="qwen3-coder:30b"))
+    assert caught.value.kind == "model_not_found"
+    assert "ollama pull qwen3-coder:30b" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_a_thinking_models_reasoning_counts_as_tokens_but_not_as_the_answer() -> None:
+    transport = httpx.MockTransport(ndjson_reply(
+        {"message": {"role": "assistant", "content": "", "thinking": "hmm"}, "done": False},
+        {"message": {"role": "assistant", "content": "", "thinking": " ok"}, "done": False},
+        {"message": {"role": "assistant", "content": "42"}, "done": False},
+        {"message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop"},
+    ))
+    reports: list[GenerationProgress] = []
+    async with httpx.AsyncClient(transport=transport) as client:
+        backend = OllamaBackend("http://ollama.test", MODEL, client=client)
+        assert await backend.run(request(on_progress=reports.append)) == "42"
+    assert reports[-1].tokens == 3 and reports[-1].done
+    assert reports[0].first_token_s is not None and reports[0].text == ""
+
+
+@pytest.mark.anyio
+async def test_an_error_in_the_middle_of_the_stream_is_a_transient_server_error() -> None:
+    transport = httpx.MockTransport(ndjson_reply(
+        {"message": {"role": "assistant", "content": "par"}, "done": False},
+        {"error": "an error was encountered while running the model"},
+    ))
+    reports: list[GenerationProgress] = []
+    async with httpx.AsyncClient(transport=transport) as client:
+        backend = OllamaBackend("http://ollama.test", MODEL, client=client)
+        with pytest.raises(TransientBackendError) as caught:
+            await backend.run(request(on_progress=reports.append))
+    assert caught.value.kind == "server_error"
+    assert "while running the model" in str(caught.value)
+    assert reports[-1].text == "par"
+
+
+@pytest.mark.anyio
+async def test_a_stream_that_ends_without_its_final_chunk_is_truncated() -> None:
+    transport = httpx.MockTransport(ndjson_reply(
+        {"message": {"role": "assistant", "content": "half"}, "done": False},
+    ))
+    async with httpx.AsyncClient(transport=transport) as client:
+        backend = OllamaBackend("http://ollama.test", MODEL, client=client)
+        with pytest.raises(PermanentBackendError) as caught:
+            await backend.run(request())
+    assert caught.value.kind == "malformed"
+    assert "truncated" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_a_full_queue_is_a_transient_busy_error_naming_ollamas_reason(
+    fake: FakeOllama, backend: OllamaBackend
+) -> None:
+    fake.configure(slots=1, max_queue=0, mode="hang")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(backend.run, request("holder"))
+        await async_wait_until(lambda: fake.stats()["active"] == 1)
+        with pytest.raises(TransientBackendError) as caught:
+            await backend.run(request("refused"))
+        tg.cancel_scope.cancel()
+    assert caught.value.kind == "busy"
+    assert "maximum pending requests exceeded" in str(caught.value)
 
 
 # -- probe ------------------------------------------------------------------------------------
