@@ -61,7 +61,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import select
 import signal
 import socket
@@ -69,7 +68,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -83,6 +81,7 @@ from tests.fakes.ollama_process import (
     configure_remote,
     remote_stats,
 )
+from tests.fakes.ollama_reply import Reply, last_user_text, one_chunk, shape_reply, token_count
 from tests.fakes.ollama_state import (
     BUSY_MESSAGE,
     DEFAULT_MODELS,
@@ -114,101 +113,6 @@ MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 def _now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _last_user_text(messages: Any) -> str:
-    """The text of the last user message (string content or OpenAI content parts)."""
-    if not isinstance(messages, list):
-        return ""
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, str):
-                return content
-            if isinstance(content, list):
-                return "".join(
-                    str(part.get("text", ""))
-                    for part in content
-                    if isinstance(part, dict) and part.get("type") in ("text", "input_text")
-                )
-            return ""
-    return ""
-
-
-def _pieces(text: str) -> list[str]:
-    """How a reply is split into streamed chunks: words, or fixed blocks for long text."""
-    if len(text) > 10_000:
-        return [text[i : i + 4096] for i in range(0, len(text), 4096)]
-    return re.findall(r"\S+\s*|\s+", text) or [""]
-
-
-def _token_count(text: str) -> int:
-    return max(1, len(text.split())) if text else 0
-
-
-@dataclass
-class _Reply:
-    """What one model request answers, and when each piece of it is due."""
-
-    pieces: list[str]
-    counts: list[int]  # tokens in each piece
-    done_reason: str
-    prompt_tokens: int
-    received_ns: int  # perf_counter_ns when the request arrived
-    load_ns: int
-    ttft_s: float
-    first_at: float  # time.monotonic() of the first token
-    rate: float  # tokens per second; 0 = all at once
-
-    @property
-    def tokens(self) -> int:
-        return sum(self.counts)
-
-    @property
-    def content(self) -> str:
-        return "".join(self.pieces)
-
-    def due(self, tokens_before: int) -> float:
-        return self.first_at + (tokens_before / self.rate if self.rate else 0.0)
-
-    def durations(self) -> dict[str, int]:
-        """The final chunk's timings in ns, as Ollama reports them."""
-        now_ns = time.perf_counter_ns()
-        eval_ns = int((time.monotonic() - self.first_at) * 1e9)
-        return {
-            "total_duration": max(1, now_ns - self.received_ns),
-            "load_duration": max(1_000, self.load_ns),
-            "prompt_eval_count": self.prompt_tokens,
-            "prompt_eval_duration": max(1, int(self.ttft_s * 1e9)),
-            "eval_count": self.tokens,
-            "eval_duration": max(1, eval_ns),
-        }
-
-
-def _one(render: Callable[[str], bytes], piece: str) -> list[bytes]:
-    return [render(piece)]
-
-
-def _shape_reply(content: str, reply_tokens: int, num_predict: Any) -> tuple[list[str], list[int], str]:
-    """The reply's pieces and their token counts: lengthened to ``reply_tokens``, cut to
-    ``num_predict``; and the ``done_reason`` that results."""
-    pieces = _pieces(content) if content else []
-    counts = [_token_count(piece) for piece in pieces]
-    missing = reply_tokens - sum(counts)
-    if missing > 0:
-        if pieces and not pieces[-1][-1:].isspace():
-            pieces[-1] += " "
-        pieces += [f"w{index} " for index in range(missing - 1)] + [f"w{missing - 1}"]
-        counts += [1] * missing
-    done_reason = "stop"
-    if isinstance(num_predict, int) and not isinstance(num_predict, bool) and num_predict > 0:
-        kept, total = 0, 0
-        while kept < len(counts) and total + counts[kept] <= num_predict:
-            total += counts[kept]
-            kept += 1
-        if kept < len(pieces):
-            pieces, counts, done_reason = pieces[:kept], counts[:kept], "length"
-    return pieces, counts, done_reason
 
 
 class _Server(ThreadingHTTPServer):
@@ -430,7 +334,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/api/generate":
             prompt = body.get("prompt") if isinstance(body.get("prompt"), str) else ""
         else:
-            prompt = _last_user_text(body.get("messages"))
+            prompt = last_user_text(body.get("messages"))
         call = self.state.record(path, model, str(prompt), body)
         if not self.state.known_model(model):
             self.state.note(call, outcome="model_not_found")
@@ -491,13 +395,13 @@ class _Handler(BaseHTTPRequestHandler):
             content = (content + filler * (size // len(filler) + 1))[:size]
         options = body.get("options") or {}
         reply_tokens = 0 if load_only else self.state.setting("reply_tokens")
-        pieces, counts, done_reason = _shape_reply(content, reply_tokens, options.get("num_predict"))
+        pieces, counts, done_reason = shape_reply(content, reply_tokens, options.get("num_predict"))
         ttft_s = float(self.state.setting("ttft_s"))
-        reply = _Reply(
+        reply = Reply(
             pieces=pieces,
             counts=counts,
             done_reason="load" if load_only else done_reason,
-            prompt_tokens=_token_count(prompt),
+            prompt_tokens=token_count(prompt),
             received_ns=received_ns,
             load_ns=int(load_s * 1e9),
             ttft_s=ttft_s,
@@ -514,7 +418,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(
         self,
-        reply: _Reply,
+        reply: Reply,
         render: Callable[[str], bytes],
         final: Callable[[], list[bytes]],
         content_type: str,
@@ -526,7 +430,7 @@ class _Handler(BaseHTTPRequestHandler):
         events: list[tuple[float, Callable[[], list[bytes]], int]] = []
         before = 0
         for piece, count in zip(pieces, reply.counts, strict=False):
-            events.append((reply.due(before), functools.partial(_one, render, piece), count))
+            events.append((reply.due(before), functools.partial(one_chunk, render, piece), count))
             before += count
         if not truncate:
             events.append((reply.due(reply.tokens), final, 0))
@@ -570,7 +474,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.state.note(call, outcome="done", tokens=sent)
 
     def _answer_whole(
-        self, reply: _Reply, data: dict[str, Any] | Callable[[], dict[str, Any]], content_type: str,
+        self, reply: Reply, data: dict[str, Any] | Callable[[], dict[str, Any]], content_type: str,
         truncate: bool, call: dict[str, Any],
     ) -> None:
         """Wait until the whole reply is generated, then send it in one body."""
@@ -586,7 +490,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.state.note(call, outcome="done", tokens=reply.tokens)
 
     def _answer_ollama(
-        self, chat: bool, model: str, reply: _Reply, stream: bool, mode: str, call: dict[str, Any]
+        self, chat: bool, model: str, reply: Reply, stream: bool, mode: str, call: dict[str, Any]
     ) -> None:
         def piece(text: str) -> dict[str, Any]:
             base: dict[str, Any] = {"model": model, "created_at": _now_rfc3339()}
@@ -622,7 +526,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer_whole(reply, lambda: final(reply.content), content_type, truncate, call)
 
     def _answer_openai(
-        self, model: str, reply: _Reply, stream: bool, mode: str, call: dict[str, Any]
+        self, model: str, reply: Reply, stream: bool, mode: str, call: dict[str, Any]
     ) -> None:
         created = int(time.time())
         ident = f"chatcmpl-{self.state.random.randrange(10**9)}"
