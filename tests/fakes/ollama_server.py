@@ -449,6 +449,10 @@ class _Handler(BaseHTTPRequestHandler):
                     out += f"{len(data):X}\r\n".encode("ascii") + data + b"\r\n"
                 tokens += events[index][2]
                 index += 1
+            finished = index >= len(events) and not truncate
+            if finished:  # recorded before the client can see the end, so stats never lag it
+                out += b"0\r\n\r\n"
+                self.state.note(call, outcome="done", tokens=sent + tokens)
             try:
                 if not headers_sent:
                     self.send_response(200)
@@ -470,8 +474,6 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
             return
-        self.wfile.write(b"0\r\n\r\n")
-        self.state.note(call, outcome="done", tokens=sent)
 
     def _answer_whole(
         self, reply: Reply, data: dict[str, Any] | Callable[[], dict[str, Any]], content_type: str,
@@ -486,8 +488,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.state.note(call, outcome="truncated")
             self._send_truncated(encoded, content_type)
             return
+        self.state.note(call, outcome="done", tokens=reply.tokens)  # before the client sees it
         self._send(200, encoded, content_type)
-        self.state.note(call, outcome="done", tokens=reply.tokens)
 
     def _answer_ollama(
         self, chat: bool, model: str, reply: Reply, stream: bool, mode: str, call: dict[str, Any]
