@@ -29,8 +29,8 @@ from koubou_mcp.config import (
     TRANSPORTS,
     ConfigError,
     Settings,
-    make_private_dir,
 )
+from koubou_mcp.home import check_home, left_behind, private_log_handler
 from koubou_mcp.leader import LOCK_FILE, PID_FILE, lock_is_held, read_holder
 from koubou_mcp.models import FINAL_STATUSES, TaskStatus, utcnow
 from koubou_mcp.processes import process_cmdline, wait_gone
@@ -73,8 +73,7 @@ def _seconds(value: str) -> float:
 
 
 def _add_store_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--home", help=_env_help("home", "directory for the database, logs and run "
-                                                    "files; default ./.koubou"))
+    p.add_argument("--home", help=_env_help("home"))
     p.add_argument("--database-url", help=_env_help("database_url"))
 
 
@@ -200,7 +199,17 @@ def _settings(args: argparse.Namespace) -> Settings:
                      "http_port", "no_pool")
         if getattr(args, name, None) is not None
     }
-    return Settings.from_env(**overrides)
+    settings = Settings.from_env(**overrides)
+    if args.command != "doctor":  # the doctor reports an unsafe home instead of refusing it
+        check_home(settings)
+    return settings
+
+
+def _warn_left_behind(settings: Settings) -> None:
+    """Say once, at start, that the old per-directory default home still has work."""
+    found = left_behind(settings, Path.cwd())
+    if found is not None:
+        log.warning("%s", found.message)
 
 
 def _store(settings: Settings, *, create: bool = True) -> Store:
@@ -232,10 +241,7 @@ def setup_logging(settings: Settings, logfile: Path | None, *, stderr_level: int
     err.setFormatter(fmt)
     root.addHandler(err)
     if logfile is not None:
-        make_private_dir(logfile.parent)
-        fd = os.open(logfile, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
-        os.close(fd)
-        fh = logging.FileHandler(logfile, encoding="utf-8")
+        fh = private_log_handler(logfile)  # never through a symbolic link
         fh.setLevel(level)
         fh.setFormatter(fmt)
         root.addHandler(fh)
@@ -392,6 +398,7 @@ def cmd_pool(args: argparse.Namespace) -> int:
     from koubou_mcp.pool import run_pool
 
     setup_logging(settings, settings.logs_dir / "worker_pool.log", stderr_level=logging.INFO)
+    _warn_left_behind(settings)
     return run_pool(settings)
 
 
@@ -464,6 +471,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         setup_logging(settings, None, stderr_level=logging.INFO)
         log.warning("cannot write %s (%s); logging to stderr only",
                     settings.logs_dir / "mcp_server.log", exc.strerror or exc)
+    _warn_left_behind(settings)
     run_server(settings, pool=not settings.no_pool, transport=settings.transport,
                host=settings.http_host, port=settings.http_port)
     return EXIT_OK

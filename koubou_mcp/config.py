@@ -58,7 +58,8 @@ class Knob:
 
 # The order here is the order of the README's configuration table.
 KNOBS: dict[str, Knob] = {
-    "home": Knob("KOUBOU_HOME", "--home", "directory for the database, logs and run files"),
+    "home": Knob("KOUBOU_HOME", "--home", "directory for the database, logs and run files "
+                 "(default $XDG_STATE_HOME/koubou, else ~/.local/state/koubou)"),
     "database_url": Knob(
         "KOUBOU_DATABASE_URL", "--database-url",
         "SQLAlchemy URL of the task store (sqlite:///… or postgresql+psycopg://…)",
@@ -121,15 +122,26 @@ KNOBS: dict[str, Knob] = {
 }
 
 
-def _default_home() -> Path:
-    return Path.cwd() / ".koubou"
+def default_home(env: Mapping[str, str]) -> Path:
+    """The per-user home: ``$XDG_STATE_HOME/koubou``, else ``~/.local/state/koubou``.
+
+    One home per user, not per project: every session of the user shares one queue and one pool
+    (the GPU is one per machine), and nothing lands in the user's repositories. As the XDG Base
+    Directory spec asks, a relative ``XDG_STATE_HOME`` is ignored.
+    """
+    state = env.get("XDG_STATE_HOME", "").strip()
+    if state and os.path.isabs(state):
+        return Path(state) / "koubou"
+    user_home = env.get("HOME", "").strip()
+    base = Path(user_home) if os.path.isabs(user_home) else Path.home()
+    return base / ".local" / "state" / "koubou"
 
 
 @dataclass(frozen=True)
 class Settings:
     """Validated configuration. Durations carry their unit in the name."""
 
-    home: Path = field(default_factory=_default_home)
+    home: Path = field(default_factory=lambda: default_home(os.environ))
     database_url: str = ""  # empty means sqlite under home; resolved in __post_init__
     ollama_url: str = "http://127.0.0.1:11434"
     general_model: str = "gpt-oss:20b"
@@ -274,6 +286,8 @@ class Settings:
                             if isinstance(value, str) and str(types[name]) != "str" else value)
         if "home" in values:
             values["home"] = Path(values["home"]).expanduser().absolute()
+        else:
+            values["home"] = default_home(env)
         if "workdir" in values:
             values["workdir"] = Path(values["workdir"]).expanduser().absolute()
         return cls(**values)

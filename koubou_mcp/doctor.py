@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
@@ -39,7 +40,9 @@ async def run_checks(settings: Settings) -> list[health.Check]:
         "not running; the MCP server starts it when Claude Code connects (or run "
         "`koubou-mcp pool`)")
     pool = health.Check("pool", True, summary, data=pool.data)
-    return [home, database, found["ollama"], found["codex"], pool]
+    old_home = await anyio.to_thread.run_sync(health.check_old_home, settings, Path.cwd())
+    return [home, database, found["ollama"], found["codex"], pool,
+            *([old_home] if old_home is not None else [])]
 
 
 def run_doctor(settings: Settings, as_json: bool = False, *, out: TextIO | None = None) -> int:
@@ -59,7 +62,8 @@ def run_doctor(settings: Settings, as_json: bool = False, *, out: TextIO | None 
     else:
         print(f"koubou-mcp {__version__} doctor  (KOUBOU_HOME={settings.home})", file=out)
         for c in checks:
-            print(f"  {'ok' if c.ok else 'FAIL':<5} {c.name:<9} {c.summary}", file=out)
+            tag = "FAIL" if not c.ok else "note" if c.data.get("notice") else "ok"
+            print(f"  {tag:<5} {c.name:<9} {c.summary}", file=out)
             if not c.ok:
                 if c.reason:
                     print(f"{'':17}why: {c.reason}", file=out)

@@ -31,6 +31,8 @@ from koubou_mcp import __version__, queue
 from koubou_mcp.backends.codex import CodexBackend
 from koubou_mcp.backends.ollama import OllamaBackend, model_present
 from koubou_mcp.config import Settings
+from koubou_mcp.home import UnsafeHome, left_behind
+from koubou_mcp.home import check_home as check_home_is_private
 from koubou_mcp.leader import lock_is_held, read_holder
 from koubou_mcp.models import TaskStatus, WorkerStatus, utcnow
 from koubou_mcp.store import Store, StoreError, open_store
@@ -147,8 +149,15 @@ def _uncreatable(path: Path) -> str | None:
 
 
 def check_home(settings: Settings) -> Check:
-    """The home directory (logs, run files) exists and is writable, or can be created."""
+    """The home directory (logs, run files) exists, is this user's alone and writable, or can
+    be created."""
     home = settings.home
+    try:
+        check_home_is_private(settings)
+    except UnsafeHome as exc:
+        reason, _, fix = str(exc).partition(" Fix: ")
+        return Check("home", False, f"{home} is not private to this user", reason=reason,
+                     fix=fix or None)
     if home.exists():
         if not home.is_dir():
             return Check("home", False, f"{home} is not a directory", reason=f"{home} is a file",
@@ -163,6 +172,15 @@ def check_home(settings: Settings) -> Check:
         return Check("home", False, f"{home} cannot be created", reason=blocker,
                      fix="set KOUBOU_HOME to a writable directory")
     return Check("home", True, f"{home} (created at first start)", data={"path": str(home)})
+
+
+def check_old_home(settings: Settings, start_dir: Path) -> Check | None:
+    """A notice (never a failure: this home is fine) when the old per-directory default home
+    in ``start_dir`` still holds unfinished tasks; None when there is nothing to say."""
+    found = left_behind(settings, start_dir)
+    if found is None:
+        return None
+    return Check("old home", True, found.message, data={"notice": True, **found.as_dict()})
 
 
 # -- backends -----------------------------------------------------------------------------
@@ -291,11 +309,15 @@ async def collect_health(
     store_error: str | None = None,
     pool_error: str | None = None,
     now: datetime | None = None,
+    start_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The ``koubou://health`` document. ``supervisor`` is the health of the pool supervisor
     this process runs (None when it runs none); ``store_error`` says why ``store`` is None,
-    ``pool_error`` why the pool did not start."""
+    ``pool_error`` why the pool did not start; ``start_dir`` (default: the current directory)
+    is where an old per-directory home may have been left behind."""
     now = utcnow() if now is None else now
+    old_home = await anyio.to_thread.run_sync(
+        left_behind, settings, Path.cwd() if start_dir is None else start_dir)
     results: dict[str, Check] = {}
 
     async def run_ollama() -> None:
@@ -355,4 +377,6 @@ async def collect_health(
             "codex": {**codex.as_dict(), "serves": "code" if code_ok else None},
         },
         "task_types": {"general": general_ok, "code": code_ok},
+        # an old ./.koubou with unfinished tasks: not this home's problem, but worth a word
+        "left_behind": old_home.as_dict() if old_home is not None else None,
     }

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from koubou_mcp.config import make_private_dir
+from koubou_mcp.home import UnsafeHome, open_private
 
 LOCK_FILE = "supervisor.lock"
 PID_FILE = "supervisor.pid"
@@ -51,8 +51,7 @@ class LeaderLock:
         """Take the lock without waiting; True when this object now holds it."""
         if self._fd is not None:
             return True
-        make_private_dir(self.run_dir)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -72,7 +71,7 @@ class LeaderLock:
     def _write_holder(self, role: str) -> None:
         # written aside and renamed: a reader never sees half a record
         tmp = self.run_dir / f".{PID_FILE}.{os.getpid()}.tmp"
-        tmp_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp_fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         with os.fdopen(tmp_fd, "w") as f:
             f.write(f"{os.getpid()}\n{role}\n")
         os.replace(tmp, self.pid_path)
@@ -92,19 +91,21 @@ class LeaderLock:
 
 
 def read_holder(run_dir: Path) -> Holder | None:
-    """The pid and role in ``run/supervisor.pid``, or None when absent or unreadable."""
+    """The pid and role in ``run/supervisor.pid``, or None when absent or unreadable, or when
+    it is not a regular file of this user (a pid we would signal must come from us)."""
     try:
-        lines = (run_dir / PID_FILE).read_text().split()
+        with os.fdopen(open_private(run_dir / PID_FILE, os.O_RDONLY)) as f:
+            lines = f.read(4096).split()
         return Holder(int(lines[0]), lines[1] if len(lines) > 1 else "pool")
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError):  # UnsafeHome is an OSError
         return None
 
 
 def lock_is_held(run_dir: Path) -> bool:
     """Whether some supervisor (in any process, this one included) holds the pool lock."""
     try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = open_private(run_dir / LOCK_FILE, os.O_RDONLY)
+    except (FileNotFoundError, UnsafeHome):  # not a lock of ours: no pool of ours holds it
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -22,7 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from koubou_mcp.config import Settings, make_private_dir
+from koubou_mcp.config import Settings
+from koubou_mcp.home import private_log_handler
 from koubou_mcp.models import utcnow
 from koubou_mcp.processes import Launcher, Phase
 from koubou_mcp.store import Store, open_store
@@ -66,10 +67,8 @@ class PoolLog:
         if self._handler is not None or self._root_writes_there():
             return
         try:
-            make_private_dir(self.path.parent)
-            os.close(os.open(self.path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
-            handler = logging.FileHandler(self.path, encoding="utf-8")
-        except OSError as exc:
+            handler = private_log_handler(self.path)
+        except OSError as exc:  # an unsafe file too (home.UnsafeHome)
             log.warning("cannot write %s: %s", self.path, exc)
             return
         handler.setFormatter(logging.Formatter(

@@ -20,7 +20,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from koubou_mcp.config import Settings, make_private_dir
+from koubou_mcp.config import Settings
+from koubou_mcp.home import is_own_marker, open_private
 from koubou_mcp.models import WorkerStatus
 
 # -- worker processes ---------------------------------------------------------------------
@@ -188,9 +189,7 @@ class ProcessLauncher:
         return self.settings.worker_logs_dir / f"{worker_id}.log"
 
     def __call__(self, worker_id: str) -> PopenWorker:
-        path = self.log_path(worker_id)
-        make_private_dir(path.parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = open_private(self.log_path(worker_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
             popen = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
                 self.command, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
@@ -269,9 +268,8 @@ class GroupLedger:
     def record(self, pgid: int) -> bool:
         """Note a running group. Best effort: False when it could not be noted."""
         try:
-            make_private_dir(self.directory)
-            os.close(os.open(self.directory / str(pgid), os.O_CREAT | os.O_WRONLY, 0o600))
-        except OSError:
+            os.close(open_private(self.directory / str(pgid), os.O_CREAT | os.O_WRONLY))
+        except OSError:  # an unsafe directory or file too (home.UnsafeHome)
             return False
         return True
 
@@ -296,7 +294,8 @@ class GroupLedger:
         except FileNotFoundError:
             return killed
         for entry in entries:
-            if entry.name.isdigit():
+            # only our own notes: a link or another user's file names no group of ours
+            if entry.name.isdigit() and is_own_marker(entry):
                 try:
                     os.killpg(int(entry.name), signal.SIGKILL)
                     killed.append(int(entry.name))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlch
 from sqlmodel import SQLModel
 
 from koubou_mcp.config import make_private_dir
-from koubou_mcp.models import SCHEMA_VERSION, Meta
+from koubou_mcp.models import SCHEMA_VERSION, Meta, TaskStatus
 from koubou_mcp.wakeup import FifoWakeup, PostgresWakeup, Wakeup
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,36 @@ def open_store(database_url: str, run_dir: Path, *, create: bool = True) -> Stor
 
 
 # -- SQLite -------------------------------------------------------------------------------
+
+def peek_unfinished(db: Path) -> dict[str, int] | None:
+    """How many tasks of the SQLite file ``db`` are pending and in progress, read without
+    creating or changing anything; None when there is no such file or it cannot be read.
+
+    For a look at another home (the old per-directory default), not for a store in use: no
+    engine, no pragmas, no schema. A read-only WAL connection would create the ``-shm`` and
+    ``-wal`` files when they are missing; when they are, nothing is in the WAL and the file
+    can be read as immutable instead.
+    """
+    if not db.is_file():
+        return None
+    wal_open = all(Path(f"{db}{suffix}").exists() for suffix in ("-wal", "-shm"))
+    mode = "mode=ro" if wal_open else "immutable=1"
+    uri = f"{db.absolute().as_uri()}?{mode}"
+    wanted = (TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value)
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=1.0)
+        try:
+            rows = conn.execute(
+                "SELECT status, COUNT(*) FROM task_master WHERE status IN (?, ?) GROUP BY status",
+                wanted).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    found = dict.fromkeys(wanted, 0)
+    found.update({status: int(count) for status, count in rows})
+    return found
+
 
 def _sqlite_engine(path: str, *, create: bool) -> Engine:
     if not path or path == ":memory:":

@@ -21,6 +21,27 @@ from tests.fakes.ollama_server import FakeOllama
 PG_URL = os.environ.get("KOUBOU_TEST_DATABASE_URL", "")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _default_home_in_a_throwaway_place(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The default home is per user (``$XDG_STATE_HOME/koubou``): point XDG_STATE_HOME, for
+    this process and every child it starts, at a throwaway directory, so that nothing a test
+    runs with the default home lands in the real user's home. Fails the session if the real
+    default home appeared anyway."""
+    real = Path.home() / ".local" / "state" / "koubou"
+    existed = real.exists()
+    saved = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["XDG_STATE_HOME"]
+        else:
+            os.environ["XDG_STATE_HOME"] = saved
+    if not existed and real.exists():
+        pytest.fail(f"the tests created {real} in the real user's home")
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -29,7 +50,7 @@ def anyio_backend() -> str:
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     path = tmp_path / "home"
-    path.mkdir()
+    path.mkdir(mode=0o700)  # private whatever the umask: koubou-mcp refuses a shared home
     return path
 
 

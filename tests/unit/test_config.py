@@ -11,15 +11,31 @@ from koubou_mcp.config import KNOBS, ConfigError, Settings
 
 def test_defaults_follow_the_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    s = Settings.from_env({})
-    assert s.home == tmp_path / ".koubou"
-    assert s.database_url == f"sqlite:///{tmp_path}/.koubou/db/koubou.db"
+    s = Settings.from_env({"HOME": "/home/ann"})
+    assert s.home == Path("/home/ann/.local/state/koubou")
+    assert s.database_url == "sqlite:////home/ann/.local/state/koubou/db/koubou.db"
     assert s.ollama_url == "http://127.0.0.1:11434"
     assert (s.general_model, s.code_model, s.codex_bin) == ("gpt-oss:20b", "gpt-oss:20b", "codex")
     assert s.codex_sandbox == "read-only"
     assert (s.code_timeout_s, s.general_timeout_s, s.max_attempts) == (120.0, 60.0, 3)
     assert (s.min_workers, s.max_workers, s.scale_up_threshold, s.idle_timeout_s) == (1, 5, 2.0, 30.0)
     assert s.workdir == tmp_path
+
+
+def test_the_default_home_is_per_user_under_xdg_state_home_not_the_start_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    env = {"HOME": "/home/ann", "XDG_STATE_HOME": "/var/state/ann"}
+    assert Settings.from_env(env).home == Path("/var/state/ann/koubou")
+    # the XDG spec: a relative XDG_STATE_HOME is ignored
+    assert Settings.from_env({**env, "XDG_STATE_HOME": "rel/state"}).home == Path(
+        "/home/ann/.local/state/koubou")
+    assert Settings.from_env({**env, "XDG_STATE_HOME": " "}).home == Path(
+        "/home/ann/.local/state/koubou")
+    assert Settings.from_env({**env, "KOUBOU_HOME": str(tmp_path / "mine")}).home == (
+        tmp_path / "mine")
+    assert Settings.from_env(env, home="proj/.koubou").home == tmp_path / "proj" / ".koubou"
 
 
 def test_env_vars_set_every_knob(tmp_path: Path) -> None:
