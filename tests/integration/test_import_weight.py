@@ -23,7 +23,8 @@ def loaded_after_import(module: str) -> list[str]:
     return list(json.loads(done.stdout))
 
 
-@pytest.mark.parametrize("module", ["koubou_mcp.server", "koubou_mcp.health", "koubou_mcp.cli"])
+@pytest.mark.parametrize("module", ["koubou_mcp.server", "koubou_mcp.service", "koubou_mcp.serve",
+                                    "koubou_mcp.health", "koubou_mcp.cli"])
 def test_importing_the_front_end_does_not_load_the_supervisor(module: str) -> None:
     loaded = loaded_after_import(module)
     assert "koubou_mcp.leader" in loaded  # the probe saw the package at all
