@@ -10,6 +10,8 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import shutil
 import signal
 import sys
 import time
@@ -181,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop following the tasks after this many seconds; default 600")
     p.add_argument("--seed", type=int, help="random seed, for a repeatable mix")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser("top", help="watch the pool live: workers, the queue, recent results "
+                                    "(q or Ctrl-C to quit)")
+    _add_store_flags(p)
+    p.add_argument("--interval", type=_seconds, default=1.0,
+                   help="seconds between refreshes; default 1")
+    p.add_argument("--once", action="store_true", help="print the view once and exit")
 
     p = sub.add_parser("doctor", help="check the database, Ollama and the Codex CLI")
     _add_store_flags(p)
@@ -481,7 +490,29 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     settings = _settings(args)  # validate before importing anything heavy
     from koubou_mcp.doctor import run_doctor
 
-    return run_doctor(settings, as_json=args.json)
+    return run_doctor(settings, as_json=args.json, command=own_command())
+
+
+def own_command() -> str:
+    """How to start this very koubou-mcp, by absolute path, for commands we suggest: a client
+    such as Claude Code does not see the PATH of the virtual environment it was installed in."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if Path(argv0).name == "__main__.py":  # python -m koubou_mcp
+        return f"{shlex.quote(str(Path(sys.executable).absolute()))} -m koubou_mcp"
+    if os.sep in argv0 and Path(argv0).is_file():
+        return shlex.quote(str(Path(argv0).resolve()))
+    found = shutil.which(argv0 or "koubou-mcp")
+    return shlex.quote(str(Path(found).resolve())) if found else "koubou-mcp"
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from koubou_mcp.top import run_top
+
+    if args.interval <= 0:
+        raise UsageError(f"--interval must be more than 0 seconds, got {args.interval}")
+    with _opened(settings, create=False) as store:
+        return run_top(settings, store, interval_s=args.interval, once=args.once)
 
 
 def cmd_load_test(args: argparse.Namespace) -> int:
@@ -518,7 +549,7 @@ def cmd_load_test(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": cmd_serve, "worker": cmd_worker, "pool": cmd_pool, "submit": cmd_submit,
     "status": cmd_status, "tasks": cmd_tasks, "cancel": cmd_cancel, "stats": cmd_stats,
-    "stop": cmd_stop, "doctor": cmd_doctor, "load-test": cmd_load_test,
+    "stop": cmd_stop, "doctor": cmd_doctor, "load-test": cmd_load_test, "top": cmd_top,
 }
 
 

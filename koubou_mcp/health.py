@@ -9,9 +9,10 @@ Overall status of the document:
 
 * ``down``: the database cannot be used, or no task type can run (Ollama unreachable, or every
   configured model missing and Codex absent);
-* ``degraded``: something is wrong but some work can proceed (a model missing, Codex not
-  installed, no live workers to run queued tasks);
-* ``ok``: everything checked is fine.
+* ``degraded``: something is wrong but some work can proceed (a model missing, no live workers
+  to run queued tasks);
+* ``ok``: everything needed is fine. Optional pieces that are missing (the Codex CLI, which
+  only ``code`` tasks need) are listed under ``warnings`` and do not degrade the status.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ CODEX_PROBE_TIMEOUT_S = 10.0
 
 @dataclass(frozen=True)
 class Check:
-    """The outcome of one check. ``reason`` and ``fix`` are set when ``ok`` is false."""
+    """The outcome of one check. ``reason`` and ``fix`` are set when ``ok`` is false.
+    ``optional`` marks a piece that only some work needs: when it fails, that is a warning,
+    not a problem."""
 
     name: str
     ok: bool
@@ -53,10 +56,19 @@ class Check:
     reason: str | None = None
     fix: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    optional: bool = False
+
+    @property
+    def problem(self) -> bool:
+        return not self.ok and not self.optional
+
+    @property
+    def warning(self) -> bool:
+        return not self.ok and self.optional
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "summary": self.summary, "reason": self.reason, "fix": self.fix,
-                **self.data}
+        return {"ok": self.ok, "optional": self.optional, "summary": self.summary,
+                "reason": self.reason, "fix": self.fix, **self.data}
 
 
 def redact_url(url: str) -> str:
@@ -218,7 +230,7 @@ async def check_ollama(settings: Settings, *, timeout_s: float = OLLAMA_PROBE_TI
 
 
 async def check_codex(settings: Settings, *, timeout_s: float = CODEX_PROBE_TIMEOUT_S) -> Check:
-    """The Codex CLI is installed and says its version."""
+    """The Codex CLI is installed and says its version. Optional: only ``code`` tasks need it."""
     backend = CodexBackend(settings.codex_bin, settings.code_model, settings.ollama_url,
                            settings.codex_sandbox, str(settings.workdir),
                            probe_timeout_s=timeout_s)
@@ -227,11 +239,11 @@ async def check_codex(settings: Settings, *, timeout_s: float = CODEX_PROBE_TIME
             "version": probe["version"]}
     if not probe["found"]:  # the error says how to install it
         return Check("codex", False, f"{settings.codex_bin!r} not found (only `code` tasks "
-                     "need it)", reason=probe["error"], data=data)
+                     "need it)", reason=probe["error"], data=data, optional=True)
     if probe["error"]:
         return Check("codex", False, f"{probe['path']} does not run", reason=probe["error"],
                      fix="reinstall the Codex CLI, or set KOUBOU_CODEX_BIN to a working one",
-                     data=data)
+                     data=data, optional=True)
     return Check("codex", True, f"{probe['version']} at {probe['path']}", data=data)
 
 
@@ -354,8 +366,9 @@ async def collect_health(
     ready = ollama.data["models_ready"]
     general_ok = settings.general_model in ready
     code_ok = codex.ok and settings.code_model in ready
-    problems = [f"{c.name}: {c.reason}" for c in (database, pool, workers, ollama, codex)
-                if c is not None and not c.ok]
+    checked = [c for c in (database, pool, workers, ollama, codex) if c is not None]
+    problems = [f"{c.name}: {c.reason}" for c in checked if c.problem]
+    warnings = [f"{c.name}: {c.reason}" for c in checked if c.warning]
     if not database.ok or not (general_ok or code_ok):
         status = "down"
     elif problems:
@@ -365,6 +378,7 @@ async def collect_health(
     return {
         "status": status,
         "problems": problems,
+        "warnings": warnings,
         "checked_at": now.isoformat(timespec="milliseconds") + "Z",
         "version": __version__,
         "home": str(settings.home),

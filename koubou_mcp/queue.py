@@ -607,6 +607,24 @@ def running_tasks(store: Store) -> list[TaskSnapshot]:
             select(T).where(T.c.status == TaskStatus.IN_PROGRESS.value))]
 
 
+
+# -- the live view (`koubou-mcp top`) -----------------------------------------------------
+
+def pending_by_priority(store: Store) -> dict[int, int]:
+    """How many tasks wait at each priority, highest priority first (only those present)."""
+    query = (select(T.c.priority, func.count()).where(T.c.status == TaskStatus.PENDING.value)
+             .group_by(T.c.priority).order_by(T.c.priority.desc()))
+    with store.read() as conn:
+        return {int(priority): int(count) for priority, count in conn.execute(query)}
+
+
+def recently_finished(store: Store, statuses: Sequence[str], limit: int) -> list[TaskSnapshot]:
+    """The last ``limit`` tasks to finish in one of ``statuses``, most recent first."""
+    query = (select(T).where(T.c.status.in_(list(statuses)), T.c.finished_at.is_not(None))
+             .order_by(T.c.finished_at.desc(), T.c.task_id.desc()).limit(limit))
+    with store.read() as conn:
+        return [_task(row) for row in conn.execute(query)]
+
 @dataclass(frozen=True)
 class Stats:
     counts: dict[str, int]

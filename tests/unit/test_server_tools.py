@@ -433,7 +433,24 @@ async def test_health_names_a_missing_model_and_a_missing_codex_with_the_fix(
     assert doc["backends"]["codex"]["found"] is False
     assert "/nonexistent/codex" in doc["backends"]["codex"]["reason"]
     assert doc["task_types"] == {"general": True, "code": False}
-    assert any(p.startswith("codex:") for p in doc["problems"])
+    assert any(p.startswith("codex:") for p in doc["warnings"]), "codex is optional"
+    assert not any(p.startswith("codex:") for p in doc["problems"])
+
+
+async def test_health_is_ok_with_a_warning_when_only_the_optional_codex_is_missing(
+    settings: Settings, store: Store, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.configure(models=["llama3.2:latest"])
+    queue.register_worker(store, "w-live", 4242, utcnow())
+    no_codex = settings.with_overrides(ollama_url=fake_ollama.url, codex_bin="/nonexistent/codex",
+                                       general_model="llama3.2", code_model="llama3.2")
+    async with Client(build_server(no_codex, pool=False)) as c:
+        doc = await read_json(c, "koubou://health")
+    assert doc["status"] == "ok", doc["problems"]
+    assert doc["problems"] == []
+    assert len(doc["warnings"]) == 1 and doc["warnings"][0].startswith("codex:")
+    assert doc["backends"]["codex"]["optional"] is True
+    assert doc["task_types"] == {"general": True, "code": False}
 
 
 async def test_health_is_down_when_ollama_is_unreachable_and_says_why(
