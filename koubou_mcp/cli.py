@@ -500,9 +500,9 @@ def own_command() -> str:
     if Path(argv0).name == "__main__.py":  # python -m koubou_mcp
         return f"{shlex.quote(str(Path(sys.executable).absolute()))} -m koubou_mcp"
     if os.sep in argv0 and Path(argv0).is_file():
-        return shlex.quote(str(Path(argv0).resolve()))
+        return shlex.quote(os.path.abspath(argv0))  # symlinks kept: a venv's own path
     found = shutil.which(argv0 or "koubou-mcp")
-    return shlex.quote(str(Path(found).resolve())) if found else "koubou-mcp"
+    return shlex.quote(os.path.abspath(found)) if found else "koubou-mcp"
 
 
 def cmd_top(args: argparse.Namespace) -> int:
