@@ -90,7 +90,12 @@ KNOBS: dict[str, Knob] = {
     "retry_base_s": Knob("KOUBOU_RETRY_BASE", None, "first retry backoff after a transient error, s"),
     "retry_max_s": Knob("KOUBOU_RETRY_MAX", None, "longest retry backoff, s"),
     "min_workers": Knob("KOUBOU_MIN_WORKERS", "--min", "fewest workers the pool keeps"),
-    "max_workers": Knob("KOUBOU_MAX_WORKERS", "--max", "most workers the pool runs"),
+    "max_workers": Knob("KOUBOU_MAX_WORKERS", "--max", "most workers the pool runs (and most "
+                        "model slots it learns)"),
+    "ollama_parallel": Knob("KOUBOU_OLLAMA_PARALLEL", None, "generations the model server runs at "
+                            "once (its OLLAMA_NUM_PARALLEL); 0 = find out by measuring"),
+    "max_wait_s": Knob("KOUBOU_MAX_WAIT", None, "longest a task may wait for a model slot before "
+                       "it fails, s (its time limit counts only the run)"),
     "scale_up_threshold": Knob(
         "KOUBOU_SCALE_UP_THRESHOLD", "--threshold", "pending tasks per worker before growing"
     ),
@@ -161,6 +166,8 @@ class Settings:
     retry_max_s: float = 60.0
     min_workers: int = 1
     max_workers: int = 5
+    ollama_parallel: int = 0
+    max_wait_s: float = 7200.0
     scale_up_threshold: float = 2.0
     idle_timeout_s: float = 30.0
     stats_interval_s: float = 30.0
@@ -243,6 +250,10 @@ class Settings:
              "must be an integer from 1 to 10000000")
         need(0 <= self.min_workers <= 256, "min_workers", "must be an integer from 0 to 256")
         need(1 <= self.max_workers <= 256, "max_workers", "must be an integer from 1 to 256")
+        need(0 <= self.ollama_parallel <= 256, "ollama_parallel",
+             "must be an integer from 0 (find out by measuring) to 256")
+        need(math.isfinite(self.max_wait_s) and self.max_wait_s > 0, "max_wait_s",
+             "must be a positive number")
         need(self.min_workers <= self.max_workers, "min_workers",
              f"must not exceed the maximum ({self.max_workers})")
         need(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",

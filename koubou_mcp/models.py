@@ -14,7 +14,7 @@ from enum import StrEnum
 from sqlalchemy import Column, DateTime, Index, Text
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def utcnow() -> datetime:
@@ -80,6 +80,18 @@ class Task(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime)
     started_at: datetime | None = Field(default=None, sa_type=DateTime)
     finished_at: datetime | None = Field(default=None, sa_type=DateTime)
+    # -- since schema v3: admission and streaming progress
+    #: the model server whose slot the task holds while in progress (or held last)
+    model_url: str | None = Field(default=None, max_length=500)
+    #: the answer generated so far (saved about once a second while running; kept when a task
+    #: is cancelled or times out)
+    partial_result: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    #: tokens generated so far (or in all, once finished)
+    tokens: int | None = Field(default=None)
+    #: seconds from sending the request to the first token of the answer
+    first_token_s: float | None = Field(default=None)
+    #: when ``partial_result``/``tokens`` were last saved
+    progress_at: datetime | None = Field(default=None, sa_type=DateTime)
 
 
 # The claim takes pending tasks by priority (highest first), then age: an index in exactly that
@@ -110,6 +122,26 @@ class Worker(SQLModel, table=True):
     idle_since: datetime | None = Field(default=None, sa_type=DateTime)
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime)
     stopped_at: datetime | None = Field(default=None, sa_type=DateTime)
+
+
+class ModelServer(SQLModel, table=True):
+    """What the pool learned about one model server: its slot limit and speeds
+    (``admission.Capacity``). Slots themselves are the in-progress tasks holding them."""
+
+    __tablename__ = "model_servers"
+
+    url: str = Field(primary_key=True, max_length=500)
+    slot_limit: int = Field(default=1)
+    pinned: bool = Field(default=False)
+    good: int = Field(default=0)
+    ceiling: int | None = Field(default=None)
+    ceiling_at: datetime | None = Field(default=None, sa_type=DateTime)
+    baseline_ttft_s: float | None = Field(default=None)
+    baseline_tps: float | None = Field(default=None)
+    last_ttft_s: float | None = Field(default=None)
+    last_tps: float | None = Field(default=None)
+    busy_events: int = Field(default=0)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime)
 
 
 class Meta(SQLModel, table=True):
@@ -148,6 +180,11 @@ class TaskSnapshot:
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    model_url: str | None = None
+    partial_result: str | None = None
+    tokens: int | None = None
+    first_token_s: float | None = None
+    progress_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     DateTime,
+    Float,
     Integer,
     String,
     Text,
@@ -39,9 +40,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ColumnElement
 
+from koubou_mcp.admission import Capacity, Observation, next_capacity
 from koubou_mcp.config import PRIORITY_MAX, PRIORITY_MIN, TASK_TYPES, Settings
 from koubou_mcp.models import (
     FINAL_STATUSES,
+    ModelServer,
     Task,
     TaskSnapshot,
     TaskStatus,
@@ -53,6 +56,7 @@ from koubou_mcp.store import Store
 
 T = Task.__table__  # type: ignore[attr-defined]
 W = Worker.__table__  # type: ignore[attr-defined]
+M = ModelServer.__table__  # type: ignore[attr-defined]
 
 MAX_IDEMPOTENCY_KEY = 200
 
@@ -230,11 +234,18 @@ def _claim_statement(postgres: bool) -> Any:
         .where(T.c.task_id == candidate.scalar_subquery(), T.c.status == TaskStatus.PENDING.value)
         .values(status=TaskStatus.IN_PROGRESS.value, worker_id=_WORKER,
                 attempts=T.c.attempts + 1, lease_expires_at=_LEASE, started_at=_NOW,
-                finished_at=None, updated_at=_NOW)
+                finished_at=None, updated_at=_NOW, model_url=bindparam("p_url", type_=String()),
+                partial_result=None, tokens=None, first_token_s=None, progress_at=None)
         .returning(*T.c)
     )
 
 
+# slots of a model server in use: tasks bound to it, in progress, whose lease still runs
+_IN_FLIGHT = select(func.count()).select_from(T).where(
+    T.c.status == TaskStatus.IN_PROGRESS.value,
+    T.c.model_url == bindparam("p_url", type_=String()),
+    T.c.lease_expires_at >= _NOW,
+)
 _WORKER_BUSY = update(W).where(W.c.worker_id == _WORKER).values(
     status=WorkerStatus.BUSY.value, current_task=_TASK, last_heartbeat=_NOW, idle_since=None)
 _WORKER_BEAT = update(W).where(W.c.worker_id == _WORKER).values(last_heartbeat=_NOW)
@@ -245,14 +256,22 @@ _TASK_BEAT = (
     .values(lease_expires_at=_LEASE)
     .returning(T.c.cancel_requested)
 )
+_TASK_BEAT_PROGRESS = _TASK_BEAT.values(
+    partial_result=bindparam("p_partial", type_=Text()),
+    tokens=bindparam("p_tokens", type_=Integer()),
+    first_token_s=bindparam("p_ttft", type_=Float()),
+    progress_at=_NOW,
+)
 _COMPLETE = (
     update(T)
     .where(T.c.task_id == _TASK, T.c.status.not_in([s.value for s in FINAL_STATUSES]))
     .values(status=TaskStatus.COMPLETED.value, result=bindparam("p_result", type_=Text()),
             error=None, error_kind=None, worker_id=_WORKER, lease_expires_at=None,
-            finished_at=_NOW, updated_at=_NOW)
+            finished_at=_NOW, updated_at=_NOW, partial_result=None)
     .returning(T.c.task_id)
 )
+_COMPLETE_COUNTED = _COMPLETE.values(tokens=bindparam("p_tokens", type_=Integer()),
+                                     first_token_s=bindparam("p_ttft", type_=Float()))
 _WORKER_DONE = update(W).where(W.c.worker_id == _WORKER).values(
     status=WorkerStatus.IDLE.value, current_task=None, idle_since=_NOW, last_heartbeat=_NOW,
     tasks_completed=W.c.tasks_completed + bindparam("p_completed", type_=Integer()),
@@ -260,25 +279,59 @@ _WORKER_DONE = update(W).where(W.c.worker_id == _WORKER).values(
 )
 
 
-def claim_next(store: Store, worker_id: str, now: datetime, lease_s: float) -> TaskSnapshot | None:
+def claim_next(store: Store, worker_id: str, now: datetime, lease_s: float,
+               model_url: str | None = None) -> TaskSnapshot | None:
     """Atomically take the best ready task for ``worker_id``, or None when there is none.
 
     Best = highest priority, then oldest. Tasks waiting out a retry backoff are not ready.
-    The task's attempts go up by one and it gets a lease of ``lease_s`` seconds.
+    The task's attempts go up by one and it gets a lease of ``lease_s`` seconds. With
+    ``model_url``, the task is only taken while that model server has a free slot (see
+    ``admit_next``).
+    """
+    admitted = admit_next(store, worker_id, now, lease_s, model_url)
+    return None if admitted is None else admitted.task
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A claimed task and the slot it holds."""
+
+    task: TaskSnapshot
+    #: requests in flight on the model server with this one (None without admission)
+    concurrency: int | None = None
+    capacity: Capacity | None = None
+
+
+def admit_next(store: Store, worker_id: str, now: datetime, lease_s: float,
+               model_url: str | None) -> Admitted | None:
+    """Claim the best ready task together with a slot of ``model_url``, in one transaction.
+
+    A slot is an in-progress task bound to the server whose lease has not run out, so a worker
+    that dies frees its slot when its lease does, like the task itself. The task is claimed
+    only while fewer tasks hold a slot than the server's limit (``model_servers``): a request
+    is never sent to wait inside the model server. Without ``model_url`` there is no limit.
     """
     # A plain read first: when nothing is ready (most wake-ups of most workers) no write lock
     # is taken at all. The claim below re-checks, so a race only costs an empty claim.
     with store.read() as conn:
         if conn.execute(_ANY_READY, {"p_now": now}).first() is None:
             return None
-    params = {"p_worker": worker_id, "p_now": now,
+    params = {"p_worker": worker_id, "p_now": now, "p_url": model_url,
               "p_lease": now + timedelta(seconds=lease_s)}
     with store.write() as conn:
+        capacity = None
+        in_flight = 0
+        if model_url is not None:
+            capacity = _lock_server(conn, model_url, now, store.is_postgres)
+            in_flight = int(conn.execute(_IN_FLIGHT, {"p_url": model_url, "p_now": now})
+                            .scalar_one())
+            if in_flight >= capacity.limit:
+                return None
         row = conn.execute(_claim_statement(store.is_postgres), params).first()
         if row is None:
             return None
         conn.execute(_WORKER_BUSY, {"p_worker": worker_id, "p_task": row.task_id, "p_now": now})
-    return _task(row)
+    return Admitted(_task(row), in_flight + 1 if model_url is not None else None, capacity)
 
 
 class Beat(StrEnum):
@@ -289,29 +342,56 @@ class Beat(StrEnum):
     LOST = "lost"  # the task is no longer ours (lease expired and someone else took it)
 
 
+@dataclass(frozen=True)
+class Generated:
+    """What a running task's model has produced so far (saved with heartbeats)."""
+
+    text: str | None
+    tokens: int | None = None
+    first_token_s: float | None = None
+
+    def values(self) -> dict[str, Any]:
+        return {"partial_result": self.text, "tokens": self.tokens,
+                "first_token_s": self.first_token_s}
+
+
 def heartbeat(store: Store, worker_id: str, task_id: str | None, now: datetime,
-              lease_s: float) -> Beat:
-    """Record that ``worker_id`` is alive and, when it holds ``task_id``, extend its lease."""
+              lease_s: float, generated: Generated | None = None) -> Beat:
+    """Record that ``worker_id`` is alive and, when it holds ``task_id``, extend its lease
+    (and save what the model has generated so far, when given: one write a heartbeat, never
+    one a token)."""
     with store.write() as conn:
         conn.execute(_WORKER_BEAT, {"p_worker": worker_id, "p_now": now})
         if task_id is None:
             return Beat.OK
-        row = conn.execute(_TASK_BEAT, {"p_task": task_id, "p_worker": worker_id,
-                                        "p_lease": now + timedelta(seconds=lease_s)}).first()
+        params: dict[str, Any] = {"p_task": task_id, "p_worker": worker_id, "p_now": now,
+                                  "p_lease": now + timedelta(seconds=lease_s)}
+        statement = _TASK_BEAT
+        if generated is not None:
+            statement = _TASK_BEAT_PROGRESS
+            params.update(p_partial=generated.text, p_tokens=generated.tokens,
+                          p_ttft=generated.first_token_s)
+        row = conn.execute(statement, params).first()
     if row is None:
         return Beat.LOST
     return Beat.CANCEL if row.cancel_requested else Beat.OK
 
 
-def complete(store: Store, task_id: str, worker_id: str, result: str, now: datetime) -> bool:
+def complete(store: Store, task_id: str, worker_id: str, result: str, now: datetime,
+             generated: Generated | None = None) -> bool:
     """Record the result of a run. False (and nothing changes) when the task already ended.
 
     A result is accepted even if the lease ran out meanwhile: the work is done, and keeping it
     is better than running the task again. Whoever finishes first gives the one final result.
     """
     with store.write() as conn:
-        row = conn.execute(_COMPLETE, {"p_task": task_id, "p_worker": worker_id,
-                                       "p_result": result, "p_now": now}).first()
+        params: dict[str, Any] = {"p_task": task_id, "p_worker": worker_id,
+                                  "p_result": result, "p_now": now}
+        statement = _COMPLETE
+        if generated is not None:
+            statement = _COMPLETE_COUNTED
+            params.update(p_tokens=generated.tokens, p_ttft=generated.first_token_s)
+        row = conn.execute(statement, params).first()
         _worker_done(conn, worker_id, now, completed=row is not None, failed=False)
     return row is not None
 
@@ -327,6 +407,7 @@ def fail(
     retry: bool = False,
     backoff: tuple[float, float] = (2.0, 60.0),
     jitter: float = 1.0,
+    generated: Generated | None = None,
 ) -> TaskSnapshot | None:
     """Record a failed run.
 
@@ -356,6 +437,8 @@ def fail(
             if retry:
                 error = f"{error} (gave up after {current.attempts} attempts)"
             values = {"status": TaskStatus.FAILED.value, "finished_at": now}
+        if generated is not None:
+            values.update(generated.values(), progress_at=now)
         row = conn.execute(
             update(T).where(T.c.task_id == task_id)
             .values(error=error, error_kind=kind, lease_expires_at=None, updated_at=now, **values)
@@ -367,13 +450,16 @@ def fail(
     return _task(row)
 
 
-def mark_cancelled(store: Store, task_id: str, worker_id: str, now: datetime) -> bool:
-    """The worker stopped a task whose cancel was requested: record it as ``cancelled``."""
+def mark_cancelled(store: Store, task_id: str, worker_id: str, now: datetime,
+                   generated: Generated | None = None) -> bool:
+    """The worker stopped a task whose cancel was requested: record it as ``cancelled``
+    (keeping what the model had generated, when given)."""
+    kept = {} if generated is None else {**generated.values(), "progress_at": now}
     with store.write() as conn:
         row = conn.execute(
             update(T)
             .where(T.c.task_id == task_id, T.c.status.not_in(_final()))
-            .values(status=TaskStatus.CANCELLED.value, lease_expires_at=None,
+            .values(**kept, status=TaskStatus.CANCELLED.value, lease_expires_at=None,
                     error="cancelled while running", error_kind="cancelled",
                     finished_at=now, updated_at=now)
             .returning(T.c.task_id)
@@ -382,16 +468,20 @@ def mark_cancelled(store: Store, task_id: str, worker_id: str, now: datetime) ->
     return row is not None
 
 
-def release(store: Store, task_id: str, worker_id: str, now: datetime) -> bool:
-    """Give a task back unfinished (a worker told to stop now). The interrupted run is not
-    counted as an attempt."""
+def release(store: Store, task_id: str, worker_id: str, now: datetime, *,
+            retry_after_s: float = 0.0, reason: str | None = None) -> bool:
+    """Give a task back unfinished (a worker told to stop now, or a model server too busy to
+    take it). The interrupted run is not counted as an attempt; with ``retry_after_s`` the
+    task is not claimed again before that many seconds (backpressure)."""
+    later = {"not_before": now + timedelta(seconds=retry_after_s)} if retry_after_s > 0 else {}
+    noted = {"error": reason, "error_kind": "busy"} if reason else {}
     with store.write() as conn:
         row = conn.execute(
             update(T)
             .where(T.c.task_id == task_id, T.c.worker_id == worker_id,
                    T.c.status == TaskStatus.IN_PROGRESS.value)
             .values(status=TaskStatus.PENDING.value, attempts=T.c.attempts - 1,
-                    lease_expires_at=None, updated_at=now)
+                    lease_expires_at=None, updated_at=now, **later, **noted)
             .returning(T.c.task_id)
         ).first()
         _worker_done(conn, worker_id, now, completed=False, failed=False)
@@ -534,6 +624,139 @@ def _worker_done(conn: Connection, worker_id: str, now: datetime, *, completed: 
                  failed: bool) -> None:
     conn.execute(_WORKER_DONE, {"p_worker": worker_id, "p_now": now,
                                 "p_completed": int(completed), "p_failed": int(failed)})
+
+
+# -- model servers (admission) --------------------------------------------------------------
+
+def _capacity(row: Any) -> Capacity:
+    return Capacity(url=row.url, limit=row.slot_limit, pinned=bool(row.pinned), good=row.good,
+                    ceiling=row.ceiling, ceiling_at=row.ceiling_at,
+                    baseline_ttft_s=row.baseline_ttft_s, baseline_tps=row.baseline_tps,
+                    last_ttft_s=row.last_ttft_s, last_tps=row.last_tps,
+                    busy_events=row.busy_events)
+
+
+def _capacity_values(cap: Capacity, now: datetime) -> dict[str, Any]:
+    return {"slot_limit": cap.limit, "pinned": cap.pinned, "good": cap.good,
+            "ceiling": cap.ceiling, "ceiling_at": cap.ceiling_at,
+            "baseline_ttft_s": cap.baseline_ttft_s, "baseline_tps": cap.baseline_tps,
+            "last_ttft_s": cap.last_ttft_s, "last_tps": cap.last_tps,
+            "busy_events": cap.busy_events, "updated_at": now}
+
+
+def _lock_server(conn: Connection, url: str, now: datetime, postgres: bool) -> Capacity:
+    """The server's row, locked for this transaction (made at one slot when new).
+
+    On PostgreSQL the row lock serialises admissions to one server (SQLite's write lock does
+    that already), so two workers never both take the last slot.
+    """
+    query = select(M).where(M.c.url == url)
+    if postgres:
+        query = query.with_for_update()
+    row = conn.execute(query).first()
+    if row is None:
+        cap = Capacity(url=url)
+        if postgres:
+            conn.execute(text(
+                "INSERT INTO model_servers (url, slot_limit, pinned, good, busy_events, "
+                "updated_at) VALUES (:url, 1, false, 0, 0, :now) ON CONFLICT (url) DO NOTHING"
+            ), {"url": url, "now": now})
+            row = conn.execute(query).first()
+            return _capacity(row) if row is not None else cap
+        conn.execute(M.insert().values(url=url, **_capacity_values(cap, now)))
+        return cap
+    return _capacity(row)
+
+
+def configure_model_server(store: Store, url: str, pinned_limit: int | None,
+                           now: datetime) -> Capacity:
+    """Pin the server's slot limit (``KOUBOU_OLLAMA_PARALLEL``), or unpin a pinned one so that
+    it is learned again (from one slot). Called by each worker as it starts."""
+    with store.write() as conn:
+        cap = _lock_server(conn, url, now, store.is_postgres)
+        if pinned_limit is not None:
+            new = Capacity(url=url, limit=pinned_limit, pinned=True,
+                           baseline_ttft_s=cap.baseline_ttft_s, baseline_tps=cap.baseline_tps,
+                           last_ttft_s=cap.last_ttft_s, last_tps=cap.last_tps,
+                           busy_events=cap.busy_events)
+        elif cap.pinned:
+            new = Capacity(url=url, baseline_ttft_s=cap.baseline_ttft_s,
+                           baseline_tps=cap.baseline_tps, busy_events=cap.busy_events)
+        else:
+            return cap
+        conn.execute(update(M).where(M.c.url == url).values(**_capacity_values(new, now)))
+    store.notify_new_work()
+    return new
+
+
+def observe_model_server(store: Store, url: str, observation: Observation, now: datetime,
+                         max_limit: int) -> Capacity:
+    """Apply one request's measurements to what is known of the server (``admission``)."""
+    with store.write() as conn:
+        before = _lock_server(conn, url, now, store.is_postgres)
+        after = next_capacity(before, observation, now, max_limit)
+        if after != before:
+            conn.execute(update(M).where(M.c.url == url).values(**_capacity_values(after, now)))
+    if after.limit > before.limit:
+        store.notify_new_work()  # a worker waiting for a slot can take the new one
+    return after
+
+
+@dataclass(frozen=True)
+class ServerUse:
+    """A model server as health, stats, metrics and `top` show it."""
+
+    capacity: Capacity
+    in_use: int
+    #: ready pending tasks: they wait for a slot when ``in_use`` has reached the limit
+    waiting: int
+
+    def as_dict(self) -> dict[str, Any]:
+        cap = self.capacity
+        return {"url": cap.url, "slots_in_use": self.in_use, "slot_limit": cap.limit,
+                "limit_source": "pinned (KOUBOU_OLLAMA_PARALLEL)" if cap.pinned else "learned",
+                "waiting": self.waiting, "good": cap.good, "ceiling": cap.ceiling,
+                "first_token_s": _round(cap.last_ttft_s),
+                "baseline_first_token_s": _round(cap.baseline_ttft_s),
+                "tokens_per_s": _round(cap.last_tps), "busy_events": cap.busy_events}
+
+
+def model_servers(store: Store, now: datetime) -> list[ServerUse]:
+    """Every model server the pool has used, with its slots in use."""
+    with store.read() as conn:
+        rows = conn.execute(select(M).order_by(M.c.url)).all()
+        ready = int(conn.execute(
+            select(func.count()).select_from(T).where(_READY), {"p_now": now}).scalar_one())
+        return [ServerUse(_capacity(r), int(conn.execute(
+            _IN_FLIGHT, {"p_url": r.url, "p_now": now}).scalar_one()), ready) for r in rows]
+
+
+def model_server(store: Store, url: str, now: datetime) -> ServerUse | None:
+    """One model server's use, or None when no worker has used it yet."""
+    for use in model_servers(store, now):
+        if use.capacity.url == url:
+            return use
+    return None
+
+
+def expire_waiting(store: Store, now: datetime, max_wait_s: float) -> list[str]:
+    """Fail the pending tasks that waited longer than ``max_wait_s`` without a run ending
+    (the wait for a model slot has its own bound, longer than any time limit)."""
+    cutoff = now - timedelta(seconds=max_wait_s)
+    with store.write() as conn:
+        rows = conn.execute(
+            update(T).where(T.c.status == TaskStatus.PENDING.value, T.c.created_at < cutoff)
+            .values(status=TaskStatus.FAILED.value, finished_at=now, updated_at=now,
+                    error_kind="wait_timeout",
+                    error=f"waited more than {max_wait_s:g} s for a model slot without "
+                          "finishing; add model-server capacity or raise KOUBOU_MAX_WAIT")
+            .returning(T.c.task_id)
+        ).all()
+    return [r.task_id for r in rows]
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -10,9 +10,13 @@ The rule (the seed's, made to reach its target in one step):
   task is ready. This keeps the seed's growth condition (``pending > active * threshold`` and
   below ``max`` → grow) but asks for the whole needed count at once instead of one worker per
   tick. Workers still starting count as capacity, so a burst is never served twice.
+* The model server is the scarce resource: with ``slots`` (its slot limit, see ``admission``)
+  known, ``desired`` is at most ``slots + SLOT_HEADROOM`` (and never below the busy count):
+  a worker beyond the slots would only wait for one, spending memory. The headroom is one
+  worker ready to take a slot the moment the limit grows.
 * ``spawn = max(0, desired - (busy + idle + starting))``.
 * Retire only idle workers, only once they idled ``idle_timeout``, only while no task is ready
-  (the seed shrinks only when nothing is pending), never below ``max(min, desired)``, longest
+  (the seed shrinks only when nothing is pending) or the pool is above the slot cap, never below ``max(min, desired)``, longest
   idle first. A busy worker is never stopped to scale down.
 
 Workers that keep dying at start-up are restarted one at a time after ``crash_backoff_s``
@@ -28,6 +32,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
+
+#: workers kept beyond the model server's slots, ready for the next slot the limit finds
+SLOT_HEADROOM = 1
 
 #: ``ceil`` of a quotient of floats may land a hair above an integer (3 / 0.1 = 30.000…04)
 _EPSILON = 1e-9
@@ -75,6 +82,8 @@ class Snapshot:
     busy: int
     starting: int = 0
     idle: Sequence[IdleWorker] = field(default_factory=tuple)
+    #: the model server's slot limit (None: unknown, no cap)
+    slots: int | None = None
 
     @property
     def capacity(self) -> int:
@@ -133,9 +142,12 @@ class DecisionLog:
         }
 
 
-def desired_workers(ready_pending: int, busy: int, limits: Limits) -> int:
-    """How many workers the load calls for, within ``[min, max]``."""
+def desired_workers(ready_pending: int, busy: int, limits: Limits,
+                    slots: int | None = None) -> int:
+    """How many workers the load calls for, within ``[min, max]`` and the model's slots."""
     wanted = max(busy, math.ceil(ready_pending / limits.scale_up_threshold - _EPSILON))
+    if slots is not None:
+        wanted = max(busy, min(wanted, slots + SLOT_HEADROOM))
     if ready_pending > 0:
         wanted = max(wanted, 1)
     return max(limits.min_workers, min(limits.max_workers, wanted))
@@ -144,16 +156,20 @@ def desired_workers(ready_pending: int, busy: int, limits: Limits) -> int:
 def decide(snapshot: Snapshot, limits: Limits) -> Decision:
     """The scaling decision for ``snapshot``. Pure: same numbers, same answer."""
     _check(snapshot, limits)
-    desired = desired_workers(snapshot.ready_pending, snapshot.busy, limits)
+    desired = desired_workers(snapshot.ready_pending, snapshot.busy, limits, snapshot.slots)
     capacity = snapshot.capacity
     counts = (f"ready={snapshot.ready_pending} busy={snapshot.busy} idle={len(snapshot.idle)} "
               f"starting={snapshot.starting}")
+    if snapshot.slots is not None:
+        counts += f" slots={snapshot.slots}"
     spawn = max(0, desired - capacity)
     if spawn:
         return Decision(desired, spawn, (), f"{counts}: want {desired}, starting {spawn}")
 
     retire: tuple[str, ...] = ()
-    if snapshot.ready_pending == 0:
+    # with ready tasks the pool shrinks only below a slot cap: such workers would only wait
+    capped = snapshot.slots is not None and capacity > desired
+    if snapshot.ready_pending == 0 or capped:
         floor = max(limits.min_workers, desired)
         expired = sorted(
             (w for w in snapshot.idle if w.idle_s >= limits.idle_timeout_s),
@@ -253,6 +269,8 @@ class CrashBackoff:
 def _check(snapshot: Snapshot, limits: Limits) -> None:
     if snapshot.ready_pending < 0 or snapshot.busy < 0 or snapshot.starting < 0:
         raise ValueError(f"counts cannot be negative: {snapshot}")
+    if snapshot.slots is not None and snapshot.slots < 1:
+        raise ValueError(f"slots must be at least 1 when known: {snapshot}")
     if not 0 <= limits.min_workers <= limits.max_workers or limits.max_workers < 1:
         raise ValueError(
             f"need 0 <= min_workers <= max_workers and max_workers >= 1, got "

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, select, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlmodel import SQLModel
@@ -39,6 +39,12 @@ META: Any = Meta.__table__  # type: ignore[attr-defined]
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     # v2: the claim index follows the claim's order (priority DESC, created_at, task_id)
     2: ("DROP INDEX IF EXISTS ix_task_master_claim",),
+    # v3: admission per model server and streaming progress (model_servers is a new table,
+    # made by create_all)
+    3: tuple(f"ALTER TABLE task_master ADD COLUMN {column}" for column in (
+        "model_url VARCHAR(500)", "partial_result TEXT", "tokens INTEGER",
+        "first_token_s FLOAT", "progress_at TIMESTAMP",
+    )),
 }
 
 
@@ -244,11 +250,22 @@ def _ensure_schema(store: Store) -> None:
         _refuse_newer(found, store.url)
         for version in range(found + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS.get(version, ()):
-                conn.execute(text(statement))
+                if not _already_applied(conn, statement):
+                    conn.execute(text(statement))
             log.info("migrated the store at %s to schema version %d", store.url, version)
         if found < SCHEMA_VERSION:
             conn.execute(META.update().where(META.c.key == "schema_version")
                          .values(value=str(SCHEMA_VERSION)))
+
+
+def _already_applied(conn: Connection, statement: str) -> bool:
+    """Whether an ``ALTER TABLE t ADD COLUMN c ...`` finds ``c`` there already (a table that
+    create_all made at the current version, with an older version number written beside it)."""
+    words = statement.split()
+    if words[:2] != ["ALTER", "TABLE"] or words[3:5] != ["ADD", "COLUMN"]:
+        return False
+    columns = {c["name"] for c in inspect(conn).get_columns(words[2])}
+    return words[5] in columns
 
 
 def _check_schema(store: Store) -> None:

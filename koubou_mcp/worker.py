@@ -24,10 +24,12 @@ from enum import StrEnum
 from typing import ParamSpec, TypeVar
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 
 from koubou_mcp import queue
-from koubou_mcp.backends.base import Backend, BackendError, BackendRequest
+from koubou_mcp.admission import Capacity, Observation
+from koubou_mcp.backends.base import Backend, BackendError, BackendRequest, GenerationProgress
 from koubou_mcp.backends.codex import CodexBackend
 from koubou_mcp.backends.ollama import OllamaBackend
 from koubou_mcp.config import Settings
@@ -72,18 +74,35 @@ class StopState:
     requests: int = 0
 
 
+#: after HTTP 503 "busy", a task waits about this long (doubling while the server stays busy)
+BUSY_RETRY_BASE_S = 0.5
+BUSY_RETRY_MAX_S = 10.0
+
+
 @dataclass
 class _Run:
-    """The task being worked on and how to interrupt it."""
+    """The task being worked on, how to interrupt it, and what its model produced so far."""
 
     task: TaskSnapshot
+    concurrency: int | None = None
+    capacity: Capacity | None = None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     interrupt: Interrupt | None = None
+    progress: GenerationProgress | None = None
+    #: the progress last written to the store (a heartbeat writes only when it changed)
+    saved: GenerationProgress | None = None
+    first_token_seen: bool = False
 
     def stop(self, why: Interrupt) -> None:
         if self.interrupt is None:
             self.interrupt = why
         self.scope.cancel()
+
+    def generated(self) -> queue.Generated | None:
+        p = self.progress
+        if p is None:
+            return None
+        return queue.Generated(p.text or None, p.tokens, p.first_token_s)
 
 
 class Worker:
@@ -110,6 +129,8 @@ class Worker:
         self.tasks_done = 0
         self._listener = store.wakeup.listen(worker_id)
         self._rng = random.Random()
+        self.model_url = settings.ollama_url
+        self._busy_streak = 0
 
     # -- stopping ------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -143,6 +164,8 @@ class Worker:
         """Serve tasks until told to stop."""
         await self._db(queue.register_worker, self.store, self.worker_id, os.getpid(), self.clock(),
                        self.settings.hostname)
+        await self._db(queue.configure_model_server, self.store, self.model_url,
+                       self.settings.ollama_parallel or None, self.clock())
         log.info("worker %s started (pid %d)", self.worker_id, os.getpid())
         try:
             async with anyio.create_task_group() as tg:
@@ -173,11 +196,15 @@ class Worker:
                 recovered = await self._db(queue.requeue_expired, self.store, self.clock())
                 for r in recovered:
                     log.warning("%s: its worker's lease expired; now %s", r.task_id, r.status)
+                for task_id in await self._db(queue.expire_waiting, self.store, self.clock(),
+                                              self.settings.max_wait_s):
+                    log.warning("%s: waited over %gs for a model slot; failed", task_id,
+                                self.settings.max_wait_s)
                 last_recovery = anyio.current_time()
-            task = await self._db(queue.claim_next, self.store, self.worker_id, self.clock(),
-                                  self.settings.lease_s)
-            if task is not None:
-                await self._run_task(task)
+            admitted = await self._db(queue.admit_next, self.store, self.worker_id, self.clock(),
+                                      self.settings.lease_s, self.model_url)
+            if admitted is not None:
+                await self._run_task(admitted)
                 last_beat = anyio.current_time()
                 continue
             if anyio.current_time() - last_beat >= self.settings.heartbeat_s:
@@ -188,23 +215,28 @@ class Worker:
             await anyio.to_thread.run_sync(self._listener.wait, wait_s)
 
     # -- one task ------------------------------------------------------------------------
-    async def _run_task(self, task: TaskSnapshot) -> None:
-        run = _Run(task)
+    async def _run_task(self, admitted: queue.Admitted) -> None:
+        task = admitted.task
+        run = _Run(task, admitted.concurrency, admitted.capacity)
         self.current = run
         started = anyio.current_time()
-        log.info("claimed %s (%s, priority %d, attempt %d/%d)", task.task_id, task.type,
-                 task.priority, task.attempts, task.max_attempts)
+        log.info("claimed %s (%s, priority %d, attempt %d/%d, slot %s of %s)", task.task_id,
+                 task.type, task.priority, task.attempts, task.max_attempts, run.concurrency,
+                 run.capacity.limit if run.capacity else "-")
         result: str | None = None
         error: BaseException | None = None
         try:
             async with anyio.create_task_group() as side:
                 side.start_soon(self._keep_alive, run)
                 with run.scope:
+                    # the time limit starts now that the task holds a slot: it measures the
+                    # run on the model, not the wait for one
                     run.scope.deadline = anyio.current_time() + task.timeout_s
                     try:
-                        result = await self._backend_for(task).run(
-                            BackendRequest(task.task_id, task.prompt, task.timeout_s)
-                        )
+                        result = await self._backend_for(task).run(BackendRequest(
+                            task.task_id, task.prompt, task.timeout_s,
+                            on_progress=lambda p: self._on_progress(run, side, p),
+                        ))
                     except BackendError as exc:
                         error = exc
                     except Exception as exc:  # a bug in a backend must not kill the worker
@@ -218,6 +250,31 @@ class Worker:
             await self._record(run, result, error, elapsed)
         self.tasks_done += 1
 
+    def _on_progress(self, run: _Run, side: anyio.abc.TaskGroup,
+                     progress: GenerationProgress) -> None:
+        """Called by the backend as output arrives: keep it in memory (heartbeats save it)."""
+        run.progress = progress
+        if progress.first_token_s is None or run.first_token_seen:
+            return
+        run.first_token_seen = True
+        expected = run.capacity.expected_ttft_s() if run.capacity else None
+        if expected is not None and progress.first_token_s > expected:
+            # the request waited inside the model server (its limit was set too high): that
+            # wait is not the task's run, so its time limit does not pay for it
+            run.scope.deadline += progress.first_token_s - expected
+        if run.concurrency is not None:
+            side.start_soon(self._observe, Observation(run.concurrency,
+                                                       first_token_s=progress.first_token_s))
+
+    async def _observe(self, observation: Observation) -> None:
+        try:
+            cap = await self._db(queue.observe_model_server, self.store, self.model_url,
+                                 observation, self.clock(), self.settings.max_workers)
+        except Exception:  # a measurement is not worth a task: log and go on
+            log.exception("could not record a measurement of %s", self.model_url)
+            return
+        log.debug("%s: %s -> limit %d", self.model_url, observation, cap.limit)
+
     def _backend_for(self, task: TaskSnapshot) -> Backend:
         try:
             return self.backends[task.type]
@@ -228,8 +285,11 @@ class Worker:
         """Renew the lease while the backend works; notice cancels, lost leases and drains."""
         while True:
             await anyio.sleep(self.settings.heartbeat_s)
+            progress = run.progress
+            generated = run.generated() if progress is not run.saved else None
             beat = await self._db(queue.heartbeat, self.store, self.worker_id, run.task.task_id,
-                                  self.clock(), self.settings.lease_s)
+                                  self.clock(), self.settings.lease_s, generated)
+            run.saved = progress
             if beat == queue.Beat.CANCEL:
                 log.info("%s: cancel requested; stopping it", run.task.task_id)
                 run.stop(Interrupt.CANCEL)
@@ -247,8 +307,13 @@ class Worker:
                       elapsed: float) -> None:
         task, now = run.task, self.clock()
         args = (self.store, task.task_id, self.worker_id)
+        generated = run.generated()
+        if isinstance(error, BackendError) and error.kind == "busy" and run.interrupt is None:
+            await self._model_busy(run, str(error))
+            return
+        self._busy_streak = 0
         if run.interrupt == Interrupt.CANCEL:
-            await self._db(queue.mark_cancelled, *args, now)
+            await self._db(queue.mark_cancelled, *args, now, generated)
             log.info("%s: cancelled after %.2fs", task.task_id, elapsed)
         elif run.interrupt == Interrupt.LOST:
             await self._db(queue.set_worker_status, self.store, self.worker_id,
@@ -257,14 +322,17 @@ class Worker:
             await self._db(queue.release, *args, now)
             log.info("%s: given back to the queue", task.task_id)
         elif result is not None:
-            accepted = await self._db(queue.complete, *args, result, now)
+            accepted = await self._db(queue.complete, *args, result, now, generated)
             log.info("%s: completed in %.2fs%s", task.task_id, elapsed,
                      "" if accepted else " (already ended elsewhere; result dropped)")
+            if run.concurrency is not None and run.progress and run.progress.eval_tokens_per_s:
+                await self._observe(Observation(run.concurrency,
+                                                tokens_per_s=run.progress.eval_tokens_per_s))
         elif error is None or elapsed >= task.timeout_s:
             # the scope's deadline passed (or the backend's own read timeout fired with it):
             # a task that ran out of time is not retried, it would only run out again
             await self._db(queue.fail, *args, f"timed out after {task.timeout_s:g} s", now,
-                           kind="timeout", retry=False)
+                           kind="timeout", retry=False, generated=generated)
             log.warning("%s: timed out after %gs", task.task_id, task.timeout_s)
         else:
             transient = isinstance(error, BackendError) and error.transient
@@ -278,6 +346,18 @@ class Worker:
             )
             log.warning("%s: %s error (%s): %s", task.task_id, kind,
                         after.status if after else "not ours", message)
+
+    async def _model_busy(self, run: _Run, message: str) -> None:
+        """HTTP 503 "busy" is backpressure, not a failure: the task goes back without using
+        an attempt, a little later, and the server's slot limit steps down."""
+        self._busy_streak += 1
+        delay = min(BUSY_RETRY_MAX_S, BUSY_RETRY_BASE_S * 2 ** min(self._busy_streak - 1, 10))
+        delay *= self._rng.uniform(0.75, 1.25)
+        await self._db(queue.release, self.store, run.task.task_id, self.worker_id, self.clock(),
+                       retry_after_s=delay, reason=f"{message}; retrying in {delay:.1f} s")
+        log.info("%s: model server busy; back in the queue for %.1fs", run.task.task_id, delay)
+        if run.concurrency is not None:
+            await self._observe(Observation(run.concurrency, busy=True))
 
     @staticmethod
     async def _db(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:

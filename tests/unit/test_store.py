@@ -15,7 +15,7 @@ import pytest
 
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
-from koubou_mcp.models import utcnow
+from koubou_mcp.models import SCHEMA_VERSION, utcnow
 from koubou_mcp.store import StoreError, open_store
 
 
@@ -141,7 +141,7 @@ def test_a_version_1_store_is_migrated_to_the_claim_ordered_index(settings: Sett
     open_store(settings.database_url, settings.run_dir).close()
     indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert "ix_task_master_claim" not in indexes and "ix_task_master_ready" in indexes
-    assert db.execute("SELECT value FROM koubou_meta").fetchone() == ("2",)
+    assert db.execute("SELECT value FROM koubou_meta").fetchone() == (str(SCHEMA_VERSION),)
     plan = db.execute("EXPLAIN QUERY PLAN SELECT task_id FROM task_master WHERE status = 'pending' "
                       "ORDER BY priority DESC, created_at, task_id LIMIT 1").fetchall()
     assert "ix_task_master_ready" in str(plan) and "TEMP B-TREE" not in str(plan)
@@ -154,3 +154,37 @@ def test_a_home_created_by_the_store_is_private_at_every_level(tmp_path: Path) -
     open_store(settings.database_url, settings.run_dir).close()
     for directory in (settings.home, settings.home / "db"):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+
+
+def test_a_version_2_store_gains_the_admission_columns_and_keeps_its_tasks(
+        settings: Settings) -> None:
+    open_store(settings.database_url, settings.run_dir).close()
+    db = sqlite3.connect(settings.home / "db" / "koubou.db")
+    # what version 2 left behind: task_master without the v3 columns, no model_servers
+    db.executescript("""
+        DROP TABLE model_servers;
+        ALTER TABLE task_master DROP COLUMN model_url;
+        ALTER TABLE task_master DROP COLUMN partial_result;
+        ALTER TABLE task_master DROP COLUMN tokens;
+        ALTER TABLE task_master DROP COLUMN first_token_s;
+        ALTER TABLE task_master DROP COLUMN progress_at;
+        UPDATE koubou_meta SET value='2' WHERE key='schema_version';
+        INSERT INTO task_master (task_id, type, prompt, status, priority, attempts, max_attempts,
+            timeout_s, cancel_requested, created_at, updated_at)
+        VALUES ('task_old', 'general', 'from v2', 'pending', 5, 0, 3, 60, 0,
+            '2026-11-01 00:00:00.000000', '2026-11-01 00:00:00.000000');
+    """)
+    db.commit()
+    store = open_store(settings.database_url, settings.run_dir)
+    try:
+        task = queue.get_task(store, "task_old")
+        assert (task.prompt, task.tokens, task.partial_result, task.model_url) == (
+            "from v2", None, None, None)
+    finally:
+        store.close()
+    columns = {row[1] for row in db.execute("PRAGMA table_info(task_master)")}
+    assert {"model_url", "partial_result", "tokens", "first_token_s", "progress_at"} <= columns
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "model_servers" in tables
+    assert db.execute("SELECT value FROM koubou_meta").fetchone() == (str(SCHEMA_VERSION),)
+    db.close()

@@ -1,0 +1,182 @@
+"""Admission per model server, in the store: slots are in-progress tasks bound to a server.
+
+Run unchanged against SQLite and PostgreSQL (the ``store`` fixture), with a fake clock.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+
+from koubou_mcp import queue
+from koubou_mcp.admission import Observation
+from koubou_mcp.config import Settings
+from koubou_mcp.models import TaskStatus
+from koubou_mcp.store import Store, open_store
+
+T0 = datetime(2026, 12, 1, 12, 0, 0)
+URL = "http://127.0.0.1:11434"
+OTHER = "http://10.0.0.2:11434"
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def submit(store: Store, settings: Settings, n: int = 1) -> list[str]:
+    ids = []
+    for i in range(n):
+        request = queue.validate_request(settings, f"task {i}")
+        ids.append(queue.enqueue(store, request, settings, at(0)).task.task_id)
+    return ids
+
+
+def workers(store: Store, *names: str) -> None:
+    for name in names:
+        queue.register_worker(store, name, 1, T0)
+
+
+def test_a_new_server_admits_one_task_at_a_time(store: Store, store_settings: Settings) -> None:
+    submit(store, store_settings, 3)
+    workers(store, "w1", "w2")
+    first = queue.admit_next(store, "w1", at(1), 30, URL)
+    assert first is not None and first.concurrency == 1 and first.capacity is not None
+    assert first.capacity.limit == 1
+    assert queue.admit_next(store, "w2", at(1), 30, URL) is None
+    # the task stays pending while it waits for the slot
+    assert queue.counts_by_status(store)[TaskStatus.PENDING] == 2
+    assert queue.complete(store, first.task.task_id, "w1", "done", at(2))
+    second = queue.admit_next(store, "w2", at(2), 30, URL)
+    assert second is not None and second.task.model_url == URL
+
+
+def test_the_slot_of_a_dead_worker_frees_when_its_lease_runs_out(
+        store: Store, store_settings: Settings) -> None:
+    submit(store, store_settings, 2)
+    workers(store, "w1", "w2")
+    assert queue.admit_next(store, "w1", at(1), 10, URL) is not None
+    assert queue.admit_next(store, "w2", at(5), 10, URL) is None
+    assert queue.admit_next(store, "w2", at(12), 10, URL) is not None
+
+
+def test_slots_are_per_server(store: Store, store_settings: Settings) -> None:
+    submit(store, store_settings, 2)
+    workers(store, "w1", "w2")
+    assert queue.admit_next(store, "w1", at(1), 30, URL) is not None
+    assert queue.admit_next(store, "w2", at(1), 30, OTHER) is not None
+
+
+def test_a_pinned_limit_admits_that_many(store: Store, store_settings: Settings) -> None:
+    submit(store, store_settings, 4)
+    workers(store, "a", "b", "c", "d")
+    cap = queue.configure_model_server(store, URL, 3, at(0))
+    assert (cap.limit, cap.pinned) == (3, True)
+    admitted = [queue.admit_next(store, w, at(1), 30, URL) for w in "abcd"]
+    assert [a.concurrency if a else None for a in admitted] == [1, 2, 3, None]
+    unpinned = queue.configure_model_server(store, URL, None, at(2))
+    assert (unpinned.limit, unpinned.pinned) == (1, False)
+
+
+def test_measurements_raise_and_lower_the_shared_limit(
+        store: Store, store_settings: Settings) -> None:
+    cap = queue.observe_model_server(store, URL, Observation(1, first_token_s=0.2), at(1), 5)
+    assert cap.limit == 2
+    cap = queue.observe_model_server(store, URL, Observation(2, first_token_s=30.0), at(2), 5)
+    assert cap.limit == 1
+    (use,) = queue.model_servers(store, at(3))
+    assert use.capacity == cap
+    assert use.as_dict()["slot_limit"] == 1 and use.as_dict()["limit_source"] == "learned"
+
+
+def test_admission_on_one_server_never_exceeds_its_limit_under_contention(
+        store: Store, store_settings: Settings) -> None:
+    queue.configure_model_server(store, URL, 2, at(0))
+    submit(store, store_settings, 8)
+    names = [f"w{i}" for i in range(6)]
+    workers(store, *names)
+    barrier = threading.Barrier(len(names))
+    results: dict[str, queue.Admitted | None] = {}
+
+    def claim(name: str) -> None:
+        own = open_store(store_settings.database_url, store_settings.run_dir)
+        try:
+            barrier.wait(timeout=10)
+            results[name] = queue.admit_next(own, name, at(1), 30, URL)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    admitted = [r for r in results.values() if r is not None]
+    assert len(results) == len(names)
+    assert len(admitted) == 2
+    assert len({a.task.task_id for a in admitted}) == 2
+
+
+def test_progress_is_saved_with_heartbeats_and_kept_when_cancelled(
+        store: Store, store_settings: Settings) -> None:
+    (task_id,) = submit(store, store_settings)
+    workers(store, "w1")
+    assert queue.admit_next(store, "w1", at(1), 30, URL) is not None
+    beat = queue.heartbeat(store, "w1", task_id, at(2), 30,
+                           queue.Generated("Once upon", 2, 0.4))
+    assert beat == queue.Beat.OK
+    task = queue.get_task(store, task_id)
+    assert (task.partial_result, task.tokens, task.first_token_s) == ("Once upon", 2, 0.4)
+    assert task.progress_at == at(2)
+    queue.cancel(store, task_id, at(3))
+    assert queue.mark_cancelled(store, task_id, "w1", at(4),
+                                queue.Generated("Once upon a time", 4, 0.4))
+    task = queue.get_task(store, task_id)
+    assert (task.status, task.partial_result, task.tokens) == (
+        TaskStatus.CANCELLED, "Once upon a time", 4)
+
+
+def test_a_completed_task_keeps_its_token_count_not_its_partial_text(
+        store: Store, store_settings: Settings) -> None:
+    (task_id,) = submit(store, store_settings)
+    workers(store, "w1")
+    queue.admit_next(store, "w1", at(1), 30, URL)
+    queue.heartbeat(store, "w1", task_id, at(2), 30, queue.Generated("par", 1, 0.3))
+    assert queue.complete(store, task_id, "w1", "partial no more", at(3),
+                          queue.Generated("partial no more", 3, 0.3))
+    task = queue.get_task(store, task_id)
+    assert (task.result, task.partial_result, task.tokens, task.first_token_s) == (
+        "partial no more", None, 3, 0.3)
+
+
+def test_a_timed_out_task_keeps_the_text_it_had(store: Store, store_settings: Settings) -> None:
+    (task_id,) = submit(store, store_settings)
+    workers(store, "w1")
+    queue.admit_next(store, "w1", at(1), 30, URL)
+    queue.fail(store, task_id, "w1", "timed out after 60 s", at(61), kind="timeout",
+               generated=queue.Generated("half an answer", 3, 0.5))
+    task = queue.get_task(store, task_id)
+    assert (task.status, task.partial_result, task.tokens) == (
+        TaskStatus.FAILED, "half an answer", 3)
+
+
+def test_busy_backpressure_gives_the_task_back_without_using_an_attempt(
+        store: Store, store_settings: Settings) -> None:
+    (task_id,) = submit(store, store_settings)
+    workers(store, "w1")
+    queue.admit_next(store, "w1", at(1), 30, URL)
+    assert queue.release(store, task_id, "w1", at(2), retry_after_s=5,
+                         reason="Ollama is busy (HTTP 503)")
+    task = queue.get_task(store, task_id)
+    assert (task.status, task.attempts, task.error_kind) == (TaskStatus.PENDING, 0, "busy")
+    assert queue.admit_next(store, "w1", at(4), 30, URL) is None  # backing off
+    assert queue.admit_next(store, "w1", at(8), 30, URL) is not None
+
+
+def test_a_task_waiting_past_the_wait_bound_fails_with_the_reason(
+        store: Store, store_settings: Settings) -> None:
+    old, = submit(store, store_settings)
+    assert queue.expire_waiting(store, at(100), max_wait_s=200) == []
+    assert queue.expire_waiting(store, at(300), max_wait_s=200) == [old]
+    task = queue.get_task(store, old)
+    assert task.status == TaskStatus.FAILED and task.error_kind == "wait_timeout"
+    assert "KOUBOU_MAX_WAIT" in (task.error or "")
