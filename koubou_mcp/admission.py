@@ -89,11 +89,13 @@ def next_capacity(cap: Capacity, obs: Observation, now: datetime, max_limit: int
     if max_limit < 1:
         raise ValueError(f"max_limit must be at least 1, got {max_limit}")
     cap = _recorded(cap, obs)
+    if obs.busy:
+        cap = replace(cap, busy_events=cap.busy_events + 1)
     if cap.pinned:
         return cap
     level = obs.concurrency
     if obs.busy:
-        return _step_back(replace(cap, busy_events=cap.busy_events + 1), level, now)
+        return _step_back(cap, level, now)
     if obs.first_token_s is not None:
         expected = cap.expected_ttft_s()
         if expected is not None and obs.first_token_s > expected and level > 1:

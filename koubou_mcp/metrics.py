@@ -21,6 +21,11 @@ koubou_task_duration_seconds{type,status} histogram  run time of finished tasks'
 koubou_task_wait_seconds{type}            histogram  submission to start of the last attempt
 koubou_task_errors_total{type,kind}       counter    tasks that ended failed, by error kind
 koubou_tasks_retrying{kind}               gauge      pending tasks waiting to retry an error
+koubou_model_slots_in_use{server}         gauge      requests the pool has on a model server
+koubou_model_slot_limit{server}           gauge      its slot limit (learned or pinned)
+koubou_model_slot_limit_pinned{server}    gauge      1 when KOUBOU_OLLAMA_PARALLEL pins it
+koubou_model_first_token_seconds{server}  gauge      last time to first token measured there
+koubou_model_busy_total{server}           counter    HTTP 503 "busy" answers it gave
 koubou_pool_scale_events_total{direction} counter    decisions that started/retired workers
 koubou_pool_workers_started_total         counter    workers this process's pool started
 koubou_pool_workers_retired_total         counter    idle workers it retired
@@ -186,6 +191,7 @@ class StoreCollector:
             ready = queue.ready_pending_count(store, now)
             workers = queue.list_workers(store)
             retrying = queue.retrying_by_kind(store)
+            servers = queue.model_servers(store, now)
             self._tally.add(queue.finished_since(store, self._tally.since))
         except (SQLAlchemyError, LookupError) as exc:
             log.warning("metrics: cannot read the store: %s", str(exc).splitlines()[0])
@@ -221,7 +227,8 @@ class StoreCollector:
                                      "be retried, by error kind", labels=["kind"])
         for kind, n in sorted(retrying.items()):
             retry_gauge.add_metric([kind], n)
-        out += [tasks, depth, ready_gauge, worker_gauge, retry_gauge, *self._tally_metrics()]
+        out += [tasks, depth, ready_gauge, worker_gauge, retry_gauge, *_server_metrics(servers),
+                *self._tally_metrics()]
         return out
 
     def _tally_metrics(self) -> list[Metric]:
@@ -267,6 +274,30 @@ class StoreCollector:
         info = InfoMetricFamily("koubou_build", "The koubou-mcp version")
         info.add_metric([], {"version": __version__})
         return info
+
+
+def _server_metrics(servers: Sequence[queue.ServerUse]) -> list[Metric]:
+    """Each model server's slots: in use, the limit, how it was set, its first-token time."""
+    labels = ["server"]
+    in_use = GaugeMetricFamily("koubou_model_slots_in_use", "Requests the pool has in flight "
+                               "on a model server (slots held)", labels=labels)
+    limit = GaugeMetricFamily("koubou_model_slot_limit", "Generations the pool lets a model "
+                              "server run at once (learned or pinned)", labels=labels)
+    pinned = GaugeMetricFamily("koubou_model_slot_limit_pinned", "1 when the slot limit is "
+                               "pinned by KOUBOU_OLLAMA_PARALLEL", labels=labels)
+    ttft = GaugeMetricFamily("koubou_model_first_token_seconds", "Last time to first token "
+                             "measured on a model server", labels=labels)
+    busy = CounterMetricFamily("koubou_model_busy", "HTTP 503 busy answers from a model "
+                               "server", labels=labels)
+    for use in servers:
+        cap, key = use.capacity, [use.capacity.url]
+        in_use.add_metric(key, use.in_use)
+        limit.add_metric(key, cap.limit)
+        pinned.add_metric(key, 1 if cap.pinned else 0)
+        if cap.last_ttft_s is not None:
+            ttft.add_metric(key, cap.last_ttft_s)
+        busy.add_metric(key, cap.busy_events)
+    return [in_use, limit, pinned, ttft, busy]
 
 
 def build_registry(collector: StoreCollector) -> CollectorRegistry:

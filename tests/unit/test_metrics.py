@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from koubou_mcp import queue
+from koubou_mcp.admission import Observation
 from koubou_mcp.config import Settings
 from koubou_mcp.metrics import FinishedTally, Histogram, StoreCollector, build_registry
 from koubou_mcp.models import WorkerStatus, utcnow
@@ -191,3 +192,24 @@ def test_the_supervisor_counts_scale_up_and_scale_down_events_and_workers(
     supervisor.tick(at(20))  # idle for 17 s > 10 s: back to the minimum of one
     assert supervisor.health()["scaling"] == {"up_events": 2, "down_events": 1,
                                               "workers_started": 3, "workers_retired": 2}
+
+
+def test_model_servers_show_slots_in_use_their_limit_and_first_token_time(
+    settings: Settings, sqlite_store: Store
+) -> None:
+    url = settings.ollama_url
+    collector = StoreCollector(settings, lambda: sqlite_store, lambda: None, clock=lambda: at(2))
+    assert not any(name.startswith("koubou_model_") for name, _ in scrape(collector))
+    queue.configure_model_server(sqlite_store, url, 2, at(0))
+    queue.observe_model_server(sqlite_store, url, Observation(1, first_token_s=0.25), at(0), 5)
+    queue.observe_model_server(sqlite_store, url, Observation(2, busy=True), at(0), 5)
+    queue.enqueue(sqlite_store, queue.validate_request(settings, "x"), settings, at(0))
+    queue.register_worker(sqlite_store, "w1", 1, at(0))
+    assert queue.admit_next(sqlite_store, "w1", at(1), 30, url) is not None
+    got = scrape(collector)
+    server = (("server", url),)
+    assert got[("koubou_model_slots_in_use", server)] == 1
+    assert got[("koubou_model_slot_limit", server)] == 2
+    assert got[("koubou_model_slot_limit_pinned", server)] == 1
+    assert got[("koubou_model_first_token_seconds", server)] == 0.25
+    assert got[("koubou_model_busy_total", server)] == 1
