@@ -1001,12 +1001,14 @@ class RunningTask:
     worker_id: str | None
     started_at: datetime | None
     timeout_s: float
+    first_token_s: float | None = None
 
 
 def running_task_deadlines(store: Store) -> list[RunningTask]:
     """Tasks in progress, without their prompts and results (read every supervisor tick)."""
     with store.read() as conn:
-        return [RunningTask(r.task_id, r.worker_id, r.started_at, r.timeout_s)
+        return [RunningTask(r.task_id, r.worker_id, r.started_at, r.timeout_s, r.first_token_s)
                 for r in conn.execute(
-                    select(T.c.task_id, T.c.worker_id, T.c.started_at, T.c.timeout_s)
+                    select(T.c.task_id, T.c.worker_id, T.c.started_at, T.c.timeout_s,
+                           T.c.first_token_s)
                     .where(T.c.status == TaskStatus.IN_PROGRESS.value))]

@@ -16,8 +16,8 @@ The rule (the seed's, made to reach its target in one step):
   worker ready to take a slot the moment the limit grows.
 * ``spawn = max(0, desired - (busy + idle + starting))``.
 * Retire only idle workers, only once they idled ``idle_timeout``, only while no task is ready
-  (the seed shrinks only when nothing is pending) or the pool is above the slot cap, never below ``max(min, desired)``, longest
-  idle first. A busy worker is never stopped to scale down.
+  (the seed shrinks only when nothing is pending) or the pool is above the slot cap, never
+  below ``max(min, desired)``, longest idle first. A busy worker is never stopped to scale down.
 
 Workers that keep dying at start-up are restarted one at a time after ``crash_backoff_s``
 (exponential, capped): ``CrashBackoff`` keeps that count apart from ``decide``, which stays about

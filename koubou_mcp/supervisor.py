@@ -173,7 +173,11 @@ class Supervisor:
             elif m.status == WorkerStatus.STARTING.value:
                 starting += 1
         ready = queue.ready_pending_count(self.store, now)
-        return Snapshot(ready_pending=ready, busy=busy, starting=starting, idle=tuple(idle))
+        # the model server's slots cap the pool: a worker beyond them would only wait
+        server = queue.model_server(self.store, self.settings.ollama_url, now)
+        slots = server.capacity.limit if server is not None else None
+        return Snapshot(ready_pending=ready, busy=busy, starting=starting, idle=tuple(idle),
+                        slots=slots)
 
     def _observe(self, rows: Mapping[str, WorkerSnapshot]) -> None:
         for m in self.workers.values():
@@ -266,7 +270,10 @@ class Supervisor:
             m = self.workers.get(task.worker_id or "")
             if m is None or m.phase == Phase.KILLED or task.started_at is None:
                 continue
-            over_s = (now - task.started_at).total_seconds() - task.timeout_s
+            # time spent before the first token may have been a wait inside the model server,
+            # which the worker does not count against the limit either
+            over_s = ((now - task.started_at).total_seconds() - task.timeout_s
+                      - (task.first_token_s or 0.0))
             if over_s <= self.tuning.overdue_grace_s:
                 continue
             self.log.warning("%s ran %gs past its %gs limit; killing worker %s (pid %d)",
