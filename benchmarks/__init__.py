@@ -40,4 +40,4 @@ numbers are not judged.
 RESULT_CONVENTION = 1
 
 #: Run order. Modules that are absent are reported as errors, the rest still run.
-BENCHMARKS = ("dispatch", "throughput", "scale_up", "mcp_stdio", "cost", "postgres")
+BENCHMARKS = ("dispatch", "throughput", "scale_up", "capacity", "mcp_stdio", "cost", "postgres")
