@@ -42,8 +42,9 @@ from benchmarks.common import (
 from benchmarks.scale_up import SEED_TICK_S, seed_policy
 from koubou_mcp import queue
 from koubou_mcp.models import TaskStatus, utcnow
+from koubou_mcp.pool import start_in_thread
 from koubou_mcp.store import open_store
-from koubou_mcp.supervisor import Tuning, start_in_thread
+from koubou_mcp.supervisor import Tuning
 
 NAME = "capacity"
 TITLE = "Capacity: bursts larger than the model server's slots"

@@ -31,8 +31,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 #: a first token slower than ``baseline * TTFT_FACTOR + TTFT_MARGIN_S`` means it waited
-TTFT_FACTOR = 3.0
-TTFT_MARGIN_S = 1.0
+TTFT_FACTOR = 2.0
+TTFT_MARGIN_S = 0.5
 #: a level that failed is not tried again for this long
 CEILING_HOLD_S = 300.0
 #: each good observation lets the baseline drift up by this fraction (relearning a slower server)

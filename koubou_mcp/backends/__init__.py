@@ -23,6 +23,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendRequest",
+    "GenerationProgress",
     "CodexBackend",
     "GenerationProgress",
     "OllamaBackend",

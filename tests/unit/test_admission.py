@@ -104,7 +104,7 @@ def test_a_pinned_limit_never_moves_but_measurements_are_kept() -> None:
 def test_the_baseline_follows_the_fastest_first_token() -> None:
     cap = run([Observation(1, first_token_s=5.0), Observation(1, first_token_s=0.5)])
     assert cap.baseline_ttft_s == 0.5
-    assert cap.expected_ttft_s() == pytest.approx(0.5 * 3 + 1.0)
+    assert cap.expected_ttft_s() == pytest.approx(0.5 * 2 + 0.5)
 
 
 def test_bad_inputs_are_refused() -> None:
