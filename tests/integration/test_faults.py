@@ -50,8 +50,12 @@ FAULTS = [
           says="gave up after 3 attempts", attempts=3),
     Fault("ollama 500", fake={"mode": "error500"}, kind="server_error", says="HTTP 500",
           attempts=3),
+    # 503 "busy" is backpressure: the task waits and goes again without using an attempt
     Fault("ollama 503 busy, then recovers", fake={"fail_next": 2, "fail_next_mode": "busy503"},
-          status="completed", attempts=3),
+          status="completed", attempts=1),
+    Fault("ollama busy for longer than the attempts", fake={"fail_next": 4,
+                                                            "fail_next_mode": "busy503"},
+          status="completed", attempts=1),
     Fault("ollama hangs past the task timeout", fake={"mode": "hang"}, timeout_s=1.0,
           kind="timeout", says="timed out after 1 s", attempts=1),
     Fault("model not found", settings={"general_model": "no-such-model:1b"},
