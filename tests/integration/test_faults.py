@@ -66,8 +66,9 @@ FAULTS = [
           kind="codex_missing", says="npm i -g @openai/codex", attempts=1),
     Fault("codex exits non-zero", task_type="code", env={"FAKE_CODEX_MODE": "fail"},
           kind="codex_exit", says="exit", attempts=1),
-    Fault("codex hangs", task_type="code", env={"FAKE_CODEX_MODE": "hang"}, timeout_s=1.0,
-          kind="timeout", says="timed out after 1 s", attempts=1),
+    # long enough for the stand-in to start and reach its hang on a loaded machine
+    Fault("codex hangs", task_type="code", env={"FAKE_CODEX_MODE": "hang"}, timeout_s=4.0,
+          kind="timeout", says="timed out after 4 s", attempts=1),
     Fault("codex killed by a signal", task_type="code", env={"FAKE_CODEX_MODE": "signal"},
           kind="codex_signal", says="SIGKILL", attempts=1),
     Fault("codex huge output", task_type="code",
