@@ -23,7 +23,6 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendRequest",
-    "GenerationProgress",
     "CodexBackend",
     "GenerationProgress",
     "OllamaBackend",

@@ -25,10 +25,14 @@ from tests.support.procfs import kill_workers
 
 @pytest.fixture
 def pool_settings(settings: Settings, fake_ollama: FakeOllama) -> Settings:
-    """Small pool, quick heartbeats, short idle timeout and drain grace."""
+    """Small pool, quick heartbeats, short idle timeout and drain grace; a model server with
+    3 slots, pinned, so that these tests are about the pool following the load (learning the
+    slots is tests/integration/test_capacity.py's)."""
+    fake_ollama.configure(slots=3)
     return settings.with_overrides(
         ollama_url=fake_ollama.url, min_workers=1, max_workers=3, idle_timeout_s=1.0,
         heartbeat_s=0.2, lease_s=3.0, drain_grace_s=2.0, stats_interval_s=1.0,
+        ollama_parallel=3,
     )
 
 

@@ -26,9 +26,15 @@ BURST = 6
 TIMEOUT_S = 2.5
 
 
+def generating(slots: int) -> FakeOllama:
+    """A stand-in whose answers take about GENERATION_S: a quick first token, then tokens."""
+    return FakeOllama(models=["gpt-oss:20b"], slots=slots, ttft_s=0.05, tokens_per_s=20,
+                      reply_tokens=int((GENERATION_S - 0.05) * 20))
+
+
 @pytest.fixture
 def one_slot_ollama() -> Iterator[FakeOllama]:
-    with FakeOllama(models=["gpt-oss:20b"], latency_s=GENERATION_S, slots=1) as fake:
+    with generating(1) as fake:
         yield fake
 
 
@@ -48,8 +54,8 @@ def all_ended(store: Store, ids: list[str]) -> Callable[[], list[queue.TaskSnaps
 
 def default_pool(settings: Settings, fake: FakeOllama, **overrides: object) -> Settings:
     """The README's defaults (max 5 workers, nothing about the model server) on a test home."""
-    return settings.with_overrides(ollama_url=fake.url, min_workers=1, max_workers=5,
-                                   **overrides)
+    return settings.with_overrides(**{"ollama_url": fake.url, "min_workers": 1,
+                                      "max_workers": 5, **overrides})
 
 
 def test_a_burst_larger_than_the_slots_completes_without_waiting_out_its_time_limits(
@@ -64,6 +70,23 @@ def test_a_burst_larger_than_the_slots_completes_without_waiting_out_its_time_li
     stats = one_slot_ollama.stats()
     # one request at a time reached the server, plus at most one probe of a second slot
     assert stats["max_in_flight"] <= 2
+    use = queue.model_server(sqlite_store, one_slot_ollama.url, utcnow())
+    assert use is not None and use.capacity.limit <= 2 and use.capacity.ceiling == 2
+
+
+def test_the_pool_finds_a_four_slot_server_by_itself(
+        settings: Settings, sqlite_store: Store, pool_thread: Callable[..., PoolHandle]) -> None:
+    with generating(4) as fake:
+        pool_settings = default_pool(settings, fake)
+        pool_thread(pool_settings)
+        ids = burst(sqlite_store, pool_settings, 16)
+        tasks = wait_until(all_ended(sqlite_store, ids), timeout=90, message="the burst to end")
+        assert {t.status for t in tasks} == {TaskStatus.COMPLETED}, [t.error for t in tasks]
+        use = queue.model_server(sqlite_store, fake.url, utcnow())
+        assert use is not None and use.capacity.good >= 3
+        assert fake.stats()["max_concurrency"] >= 3
+        # never more in flight than the max of 5 workers: at most one probe past the 4 slots
+        assert fake.stats()["max_in_flight"] <= 5
 
 
 def test_without_admission_the_same_burst_times_out_waiting_inside_the_server(
@@ -71,7 +94,7 @@ def test_without_admission_the_same_burst_times_out_waiting_inside_the_server(
         pool_thread: Callable[..., PoolHandle]) -> None:
     """The failure the admission prevents, shown on the same stand-in: a limit pinned above
     the server's real capacity sends the whole burst at once."""
-    pool_settings = default_pool(settings, one_slot_ollama, ollama_parallel=5)
+    pool_settings = default_pool(settings, one_slot_ollama, ollama_parallel=5, min_workers=5)
     pool_thread(pool_settings)
     ids = burst(sqlite_store, pool_settings, BURST)
     tasks = wait_until(all_ended(sqlite_store, ids), timeout=60, message="the burst to end")
@@ -82,7 +105,7 @@ def test_without_admission_the_same_burst_times_out_waiting_inside_the_server(
 
 def test_a_pinned_limit_uses_every_slot_and_no_more(
         settings: Settings, sqlite_store: Store, pool_thread: Callable[..., PoolHandle]) -> None:
-    with FakeOllama(models=["gpt-oss:20b"], latency_s=0.5, slots=2) as fake:
+    with generating(2) as fake:
         pool_settings = default_pool(settings, fake, ollama_parallel=2)
         pool_thread(pool_settings)
         ids = burst(sqlite_store, pool_settings, 8)

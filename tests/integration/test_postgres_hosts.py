@@ -98,9 +98,10 @@ def test_tasks_of_a_host_killed_mid_work_are_finished_by_the_other_host(
     hosts: tuple[PoolProcesses, list[Path]],
 ) -> None:
     pools, homes = hosts
-    with FakeOllama(models=["gpt-oss:20b"]) as ollama:
+    with FakeOllama(models=["gpt-oss:20b"], slots=3) as ollama:
+        # the dead host's slots come back with its leases, like its tasks
         doomed = host(settings, tmp_path, "doomed", pg_url, ollama.url, min_workers=3,
-                      max_workers=3, lease_s=2.0)
+                      max_workers=3, lease_s=2.0, ollama_parallel=3)
         homes.append(doomed.home)
         doomed_pool = pools.start(doomed)
         wait_until(lambda: len(queue.list_workers(pg_store)) == 3, timeout=30,
@@ -121,7 +122,7 @@ def test_tasks_of_a_host_killed_mid_work_are_finished_by_the_other_host(
         ollama.release()
 
         survivor = host(settings, tmp_path, "survivor", pg_url, ollama.url, min_workers=1,
-                        max_workers=2, lease_s=2.0)
+                        max_workers=2, lease_s=2.0, ollama_parallel=3)
         homes.append(survivor.home)
         pools.start(survivor)
         wait_until(lambda: queue.counts_by_status(pg_store)["completed"] == 3, timeout=45,

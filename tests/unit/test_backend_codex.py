@@ -120,30 +120,6 @@ async def test_run_returns_what_codex_wrote_to_the_output_file(harness: Harness)
 
 
 @pytest.mark.anyio
-async def test_the_event_stream_reports_steps_and_the_last_message_as_progress(
-        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FAKE_CODEX_STEPS", "3")
-    monkeypatch.setenv("FAKE_CODEX_STEP_S", "0.2")
-    seen: list[GenerationProgress] = []
-    result = await harness.backend().run(BackendRequest("t-1", "plan it", 30.0,
-                                                        on_progress=seen.append))
-    assert result == "codex: plan it"
-    steps = [p.steps for p in seen]
-    # reported as the steps happen (0.2 s apart), not only at the end: 3 commands + the answer
-    assert len(set(steps)) >= 2 and steps == sorted(steps) and steps[-1] == 4
-    last = seen[-1]
-    assert last.last_message == "codex: plan it" and last.text == "codex: plan it"
-    assert last.tokens == 3  # output_tokens of turn.completed
-
-
-@pytest.mark.anyio
-async def test_a_task_may_run_codex_on_another_model(harness: Harness) -> None:
-    await harness.backend().run(BackendRequest("t-1", "x", 30.0, model="qwen3-coder:30b"))
-    [record] = harness.records()
-    assert record["argv"][record["argv"].index("-m") + 1] == "qwen3-coder:30b"
-
-
-@pytest.mark.anyio
 async def test_codex_is_run_with_exactly_the_documented_arguments(harness: Harness) -> None:
     await harness.backend().run(request())
     [record] = harness.records()
@@ -157,7 +133,6 @@ async def test_codex_is_run_with_exactly_the_documented_arguments(harness: Harne
         "ollama",
         "-m",
         MODEL,
-        "--json",
         "--skip-git-repo-check",
         "--sandbox",
         "workspace-write",
