@@ -352,15 +352,17 @@ async def collect_health(
         database = await anyio.to_thread.run_sync(check_store, settings, store)
     pool = check_supervisor(settings, supervisor, pool_error)
     queue_info: dict[str, Any] = {}
+    model_servers: list[dict[str, Any]] = []
     workers: Check | None = None
     if store is not None and database.ok:
-        def read() -> tuple[dict[str, int], int, Check]:
+        def read() -> tuple[dict[str, int], int, Check, list[queue.ServerUse]]:
             return (queue.counts_by_status(store), queue.ready_pending_count(store, now),
-                    check_workers(settings, store, pool, now))
+                    check_workers(settings, store, pool, now), queue.model_servers(store, now))
 
-        counts, ready, workers = await anyio.to_thread.run_sync(read)
+        counts, ready, workers, servers = await anyio.to_thread.run_sync(read)
         queue_info = {"depth": counts[TaskStatus.PENDING.value], "ready": ready,
                       "in_progress": counts[TaskStatus.IN_PROGRESS.value], "counts": counts}
+        model_servers = [use.as_dict() for use in servers]
 
     ollama, codex = results["ollama"], results["codex"]
     ready = ollama.data["models_ready"]
@@ -386,6 +388,8 @@ async def collect_health(
         "supervisor": pool.as_dict(),
         "workers": workers.as_dict() if workers is not None else None,
         "queue": queue_info or None,
+        # each model server's slots: in use, the limit (learned or pinned), first-token time
+        "model_servers": model_servers,
         "backends": {
             "ollama": {**ollama.as_dict(), "serves": "general" if general_ok else None},
             "codex": {**codex.as_dict(), "serves": "code" if code_ok else None},

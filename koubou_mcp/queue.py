@@ -777,15 +777,20 @@ class Progress:
     task_id: str
     status: str
     worker_id: str | None
+    #: tokens generated so far (None before the first is saved)
+    tokens: int | None = None
+    #: why a pending task waits (the last error kind: ``busy`` = the model server was full)
+    error_kind: str | None = None
 
 
 def task_progress(store: Store, task_id: str) -> Progress:
-    """The status and worker of a task: a light read for waiters that poll often."""
+    """The status, worker and tokens of a task: a light read for waiters that poll often."""
     with store.read() as conn:
-        row = conn.execute(select(T.c.status, T.c.worker_id).where(T.c.task_id == task_id)).first()
+        row = conn.execute(select(T.c.status, T.c.worker_id, T.c.tokens, T.c.error_kind)
+                           .where(T.c.task_id == task_id)).first()
     if row is None:
         raise TaskNotFound(task_id)
-    return Progress(task_id, row.status, row.worker_id)
+    return Progress(task_id, row.status, row.worker_id, row.tokens, row.error_kind)
 
 
 def list_tasks(store: Store, status: str | None = None, limit: int = 20) -> list[TaskSnapshot]:

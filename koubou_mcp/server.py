@@ -276,8 +276,14 @@ def _result(model: BaseModel, text: str) -> CallToolResult:
 
 
 def _progress_message(task: queue.Progress, elapsed: float, wait_s: float) -> str:
+    if task.status == "in_progress" and task.tokens:
+        # what Claude Code shows the user: the model is visibly working
+        return (f"{task.task_id} generating on {task.worker_id}: {task.tokens} tokens, "
+                f"{elapsed:.0f} s (waiting up to {wait_s:g} s)")
     where = f" on {task.worker_id}" if task.worker_id and task.status != "pending" else ""
-    return (f"{task.task_id} {task.status}{where}, {elapsed:.0f} s elapsed "
+    why = " (waiting for a model slot)" if task.status == "pending" and \
+        task.error_kind == "busy" else ""
+    return (f"{task.task_id} {task.status}{where}{why}, {elapsed:.0f} s elapsed "
             f"(waiting up to {wait_s:g} s)")
 
 

@@ -85,6 +85,20 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="milliseconds") + "Z"
 
 
+def phase_of(task: TaskSnapshot, now: datetime | None = None) -> str:
+    """Where a task stands, finer than its status: a pending task may wait for a worker, out
+    a retry backoff, or for a slot of a model server that was full (HTTP 503)."""
+    if task.status == TaskStatus.PENDING:
+        if task.error_kind == "busy":
+            return "waiting_for_model"
+        if task.not_before is not None and task.not_before > (now or utcnow()):
+            return "retry_backoff"
+        return "queued"
+    if task.status == TaskStatus.IN_PROGRESS:
+        return "generating" if task.tokens else "waiting_for_first_token"
+    return str(task.status)
+
+
 class TaskRecord(BaseModel):
     """The record of one task, as every transport shows it: MCP's get_status, REST's
     ``/task/{id}/status`` and the CLI's ``status --json``. Timestamps are ISO 8601 UTC with a
@@ -110,6 +124,16 @@ class TaskRecord(BaseModel):
     started_at: str | None
     finished_at: str | None
     duration_s: float | None = Field(description="run time of the finished task, s")
+    phase: str = Field(description="where the task stands: queued, retry_backoff, "
+                                   "waiting_for_model, waiting_for_first_token, generating, "
+                                   "or its final status")
+    partial_result: str | None = Field(
+        default=None, description="the answer generated so far (saved about once a second "
+                                  "while it runs; kept when cancelled or timed out)")
+    tokens: int | None = Field(default=None, description="tokens generated so far, or in all")
+    first_token_s: float | None = Field(
+        default=None, description="seconds from sending the request to the first token")
+    model_server: str | None = Field(default=None, description="the model server it ran on")
     prompt: str | None = None
 
     @classmethod
@@ -125,7 +149,9 @@ class TaskRecord(BaseModel):
             cancel_requested=bool(task.cancel_requested), idempotency_key=task.idempotency_key,
             created_at=_iso(task.created_at), updated_at=_iso(task.updated_at),
             started_at=_iso(task.started_at), finished_at=_iso(task.finished_at),
-            duration_s=duration, prompt=task.prompt if include_prompt else None,
+            duration_s=duration, phase=phase_of(task), partial_result=task.partial_result,
+            tokens=task.tokens, first_token_s=task.first_token_s, model_server=task.model_url,
+            prompt=task.prompt if include_prompt else None,
         )
 
     def as_json(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import termios
 import time
 import tty
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TextIO
 
@@ -54,6 +54,7 @@ class View:
     workers: list[WorkerSnapshot]
     completed: list[TaskSnapshot]
     failed: list[TaskSnapshot]
+    servers: list[queue.ServerUse] = field(default_factory=list)
 
 
 def read_view(store: Store, now: datetime) -> View:
@@ -65,6 +66,7 @@ def read_view(store: Store, now: datetime) -> View:
         workers=queue.list_workers(store),
         completed=queue.recently_finished(store, [TaskStatus.COMPLETED.value], RECENT_ROWS),
         failed=queue.recently_finished(store, [TaskStatus.FAILED.value], RECENT_ROWS),
+        servers=queue.model_servers(store, now),
     )
 
 
@@ -119,14 +121,21 @@ def queue_section(view: View) -> RenderableType:
     return Group(table, totals)
 
 
-def slots_section() -> RenderableType:
-    """Model-server slots in use per Ollama URL. The store keeps no slot data yet (admission
-    control will add it); until then the section says so instead of guessing."""
+def slots_section(servers: list[queue.ServerUse] | None = None) -> RenderableType:
+    """Model-server slots per Ollama URL: in use, the limit (learned or pinned), the last time
+    to first token. A dash until a worker has used a server."""
     table = Table(title="Model-server slots", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("server")
     table.add_column("in use", justify="right")
     table.add_column("limit", justify="right")
-    table.add_row(NO_DATA, NO_DATA, NO_DATA)
+    table.add_column("1st token", justify="right")
+    for use in servers or []:
+        cap = use.capacity
+        limit = f"{cap.limit} {'pinned' if cap.pinned else 'learned'}"
+        ttft = f"{cap.last_ttft_s:.2f}s" if cap.last_ttft_s is not None else NO_DATA
+        table.add_row(cap.url, str(use.in_use), limit, ttft)
+    if not servers:
+        table.add_row(NO_DATA, NO_DATA, NO_DATA, NO_DATA)
     return table
 
 
@@ -157,7 +166,7 @@ def render(view: View | None, settings: Settings, error: str | None = None) -> R
         parts.append(Text(f"cannot read the store: {error}", style="bold red"))
     if view is not None:
         side_by_side = Table.grid(padding=(0, 4))
-        side_by_side.add_row(queue_section(view), slots_section())
+        side_by_side.add_row(queue_section(view), slots_section(view.servers))
         parts += [workers_section(view, settings.lease_s), side_by_side,
                   finished_section("Recent results", view.completed, view.read_at,
                                    failures=False),

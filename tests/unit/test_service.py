@@ -35,7 +35,8 @@ pytestmark = pytest.mark.anyio
 RECORD_KEYS = {"task_id", "type", "status", "priority", "result", "error", "error_kind",
                "attempts", "max_attempts", "timeout_s", "worker_id", "cancel_requested",
                "idempotency_key", "created_at", "updated_at", "started_at", "finished_at",
-               "duration_s"}
+               "duration_s", "phase", "partial_result", "tokens", "first_token_s",
+               "model_server"}
 
 
 @pytest.fixture
@@ -265,3 +266,26 @@ async def test_stats_and_workers_describe_the_installation(service: Service) -> 
     assert stats["tasks"]["pending"] == 1 and stats["queue_depth"] == 1
     workers = await service.workers()
     assert workers["live"] == 1 and workers["workers"][0]["pid"] == 4242
+
+
+def test_the_phase_says_why_a_task_waits_and_how_far_it_got() -> None:
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from koubou_mcp.models import TaskSnapshot
+    from koubou_mcp.service import phase_of
+
+    now = utcnow()
+    base = TaskSnapshot(task_id="t", type="general", prompt="p", status="pending", priority=5,
+                        result=None, error=None, error_kind=None, attempts=0, max_attempts=3,
+                        timeout_s=60, worker_id=None, lease_expires_at=None, not_before=None,
+                        cancel_requested=False, idempotency_key=None, created_at=now,
+                        updated_at=now, started_at=None, finished_at=None)
+    assert phase_of(base, now) == "queued"
+    assert phase_of(replace(base, error_kind="busy"), now) == "waiting_for_model"
+    assert phase_of(replace(base, not_before=now + timedelta(seconds=5),
+                            error_kind="server_error"), now) == "retry_backoff"
+    running = replace(base, status="in_progress")
+    assert phase_of(running, now) == "waiting_for_first_token"
+    assert phase_of(replace(running, tokens=12), now) == "generating"
+    assert phase_of(replace(base, status="completed"), now) == "completed"

@@ -78,3 +78,12 @@ def test_an_unreadable_store_is_reported_above_the_last_view(
     last = top.read_view(sqlite_store, utcnow())
     shown = _text(top.render(last, settings, "database is locked"))
     assert "cannot read the store: database is locked" in shown and "w-alpha" in shown
+
+
+def test_the_slots_show_each_model_server_in_use_and_its_limit(sqlite_store: Store,
+                                                                settings: Settings) -> None:
+    url = "http://127.0.0.1:11434"
+    queue.configure_model_server(sqlite_store, url, 2, utcnow())
+    view = top.read_view(sqlite_store, utcnow())
+    shown = _text(top.slots_section(view.servers))
+    assert url in shown and "2 pinned" in shown
