@@ -9,13 +9,14 @@ import signal
 import subprocess
 import threading
 import time
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mcp import Client
 
+from koubou_mcp import queue
 from koubou_mcp.config import Settings
 from koubou_mcp.store import open_store
 from tests.e2e.conftest import Leftovers, server_params
@@ -100,7 +101,7 @@ async def _is(client: Client, task_id: str, status: str) -> bool:
 async def test_closing_the_client_stops_the_server_at_once_and_the_busy_worker_after_its_task(
     e2e_settings: Settings, fake_ollama: FakeOllama, leftovers: Leftovers
 ) -> None:
-    fake_ollama.configure(latency_s=2.0)
+    fake_ollama.configure(latency_s=4.0)
     async with AsyncExitStack() as stack:
         client = await stack.enter_async_context(Client(server_params(e2e_settings)))
         server_pid = (await read_json(client, "koubou://health"))["server"]["pid"]
@@ -113,20 +114,23 @@ async def test_closing_the_client_stops_the_server_at_once_and_the_busy_worker_a
         for w in workers:
             leftovers.add(w["pid"])
 
-        death: dict[str, float] = {}
+        death: dict[str, object] = {}
 
         def watch() -> None:  # a thread: the client must be closed by the task that opened it
             start = time.monotonic()
-            wait_until(lambda: not pid_alive(server_pid), timeout=5.0, interval=0.005,
+            wait_until(lambda: not pid_alive(server_pid), timeout=15.0, interval=0.005,
                        message="the server to exit")
             death["after_s"] = time.monotonic() - start
+            # "at once" = without waiting for the busy worker's task (a 4 s generation)
+            with closing(open_store(e2e_settings.database_url, e2e_settings.run_dir)) as s:
+                death["task_was"] = queue.get_task(s, task_id).status
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         await stack.aclose()  # closes the server's stdin, as Claude Code does
-        watcher.join(timeout=6)
-    gone_after = death.get("after_s", float("inf"))
-    assert gone_after < 2.0
+        watcher.join(timeout=20)
+    assert "after_s" in death, "the server did not exit"
+    assert death["task_was"] == "in_progress", "the server waited for the worker's task"
     log = (e2e_settings.logs_dir / "mcp_server.log").read_text()
     assert "koubou-mcp server stopped" in log, "it shut down cleanly, it was not killed"
 
