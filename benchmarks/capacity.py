@@ -37,7 +37,6 @@ from benchmarks.common import (
     print_result,
     scratch_dir,
     target,
-    wait_for,
 )
 from benchmarks.scale_up import SEED_TICK_S, seed_policy
 from koubou_mcp import queue
@@ -45,6 +44,7 @@ from koubou_mcp.models import TaskStatus, utcnow
 from koubou_mcp.pool import start_in_thread
 from koubou_mcp.store import open_store
 from koubou_mcp.supervisor import Tuning
+from tests.support.waiting import wait_until
 
 NAME = "capacity"
 TITLE = "Capacity: bursts larger than the model server's slots"
@@ -53,6 +53,8 @@ TARGET_ONE_SLOT = 1.25
 TARGET_FOUR_SLOTS = 1.6
 POOLS = ("koubou", "seed_rule", "fixed_pool")
 DEFAULT_MAX_WORKERS = 5
+TTFT_S = 0.1
+TOKENS_PER_S = 50.0
 
 
 @dataclass(frozen=True)
@@ -86,14 +88,18 @@ def _tuning(pool: str, s: Scenario) -> Tuning:
 
 def one_burst(s: Scenario, pool: str, slots: int, tasks: int) -> dict[str, Any]:
     """Run one burst on a fresh home and stand-in; the outcome of every task."""
-    with scratch_dir(NAME) as home, in_process(models=["gpt-oss:20b"],
-                                               latency_s=s.generation_s, slots=slots) as fake:
+    # The stand-in streams as Ollama does: a first token after TTFT_S, then TOKENS_PER_S, so
+    # admission sees the first-token times it learns from; one reply takes generation_s.
+    reply_tokens = round((s.generation_s - TTFT_S) * TOKENS_PER_S)
+    with scratch_dir(NAME) as home, in_process(models=["gpt-oss:20b"], slots=slots,
+                                               ttft_s=TTFT_S, tokens_per_s=TOKENS_PER_S,
+                                               reply_tokens=reply_tokens) as fake:
         settings = _pool_settings(pool, home, fake.url)
         store = open_store(settings.database_url, settings.run_dir)
         handle = start_in_thread(settings, store=store, role="benchmark", tuning=_tuning(pool, s))
         try:
-            wait_for(lambda: handle.health().get("workers", {}).get("idle", 0) >= 1, 60,
-                     "a worker to be idle")
+            wait_until(lambda: handle.health().get("workers", {}).get("idle", 0) >= 1, 60,
+                       message="a worker to be idle")
             ids = [queue.enqueue(store, queue.validate_request(
                        settings, f"capacity task {i}", timeout_s=s.timeout_s),
                        settings, utcnow()).task.task_id for i in range(tasks)]
@@ -105,7 +111,7 @@ def one_burst(s: Scenario, pool: str, slots: int, tasks: int) -> dict[str, Any]:
                 return got if done else None
 
             started = time.monotonic()
-            got = wait_for(ended, deadline_s, "every task to end", interval_s=0.05)
+            got = wait_until(ended, deadline_s, interval=0.05, message="every task to end")
             wall_s = time.monotonic() - started
             use = queue.model_server(store, fake.url, utcnow())
             stats = fake.stats()

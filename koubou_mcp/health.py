@@ -279,8 +279,16 @@ def check_supervisor(settings: Settings, supervisor: Mapping[str, Any] | None,
         if supervisor.get("leader"):
             return Check("supervisor", True, f"supervising in this process (pid "
                          f"{supervisor.get('pid')})", data=data)
-        return Check("supervisor", True, f"standing by: pid {supervisor.get('leader_pid')} "
-                     "supervises this home", data=data)
+        # Before its first try to lead, a standing-by supervisor has not read the pid file yet.
+        leader_pid = supervisor.get("leader_pid")
+        if leader_pid is None:
+            holder = read_holder(settings.run_dir)
+            leader_pid = holder.pid if holder else None
+        if leader_pid is None:
+            return Check("supervisor", True, "starting: no supervisor holds this home yet",
+                         data=data)
+        return Check("supervisor", True, f"standing by: pid {leader_pid} supervises this home",
+                     data={**data, "leader_pid": leader_pid})
     if lock_is_held(settings.run_dir):
         holder = read_holder(settings.run_dir)
         who = f"pid {holder.pid} ({holder.role})" if holder else "another process"
