@@ -1,6 +1,6 @@
 """``koubou-mcp top``: the pool at a glance, live in the terminal.
 
-Reads the store through ``queue.py`` about once a second and draws, with ``rich``: the workers
+Reads the store through ``queue`` about once a second and draws, with ``rich``: the workers
 (busy or idle, the task each runs, host), the queue by priority, model-server slots, and the
 latest results and failures. ``q`` or Ctrl-C leaves it. Nothing here writes to the store.
 

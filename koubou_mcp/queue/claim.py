@@ -1,0 +1,69 @@
+"""Claiming the best ready task, together with a slot of its model server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from koubou_mcp.admission import Capacity
+from koubou_mcp.models import TaskSnapshot
+from koubou_mcp.queue.records import task_snapshot
+from koubou_mcp.queue.servers import lock_server
+from koubou_mcp.queue.statements import ANY_READY, IN_FLIGHT, WORKER_BUSY, claim_statement
+from koubou_mcp.store import Store
+
+
+def claim_next(store: Store, worker_id: str, now: datetime, lease_s: float,
+               model_url: str | None = None) -> TaskSnapshot | None:
+    """Atomically take the best ready task for ``worker_id``, or None when there is none.
+
+    Best = highest priority, then oldest. Tasks waiting out a retry backoff are not ready.
+    The task's attempts go up by one and it gets a lease of ``lease_s`` seconds. With
+    ``model_url``, the task is only taken while that model server has a free slot (see
+    ``admit_next``).
+    """
+    admitted = admit_next(store, worker_id, now, lease_s, model_url)
+    return None if admitted is None else admitted.task
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A claimed task and the slot it holds."""
+
+    task: TaskSnapshot
+    #: requests in flight on the model server with this one (None without admission)
+    concurrency: int | None = None
+    capacity: Capacity | None = None
+
+
+def admit_next(store: Store, worker_id: str, now: datetime, lease_s: float,
+               model_url: str | None) -> Admitted | None:
+    """Claim the best ready task together with a slot of ``model_url``, in one transaction.
+
+    A slot is an in-progress task bound to the server whose lease has not run out, so a worker
+    that dies frees its slot when its lease does, like the task itself. The task is claimed
+    only while fewer tasks hold a slot than the server's limit (``model_servers``): a request
+    is never sent to wait inside the model server. Without ``model_url`` there is no limit.
+    """
+    # A plain read first: when nothing is ready (most wake-ups of most workers) no write lock
+    # is taken at all. The claim below re-checks, so a race only costs an empty claim.
+    with store.read() as conn:
+        if conn.execute(ANY_READY, {"p_now": now}).first() is None:
+            return None
+    params = {"p_worker": worker_id, "p_now": now, "p_url": model_url,
+              "p_lease": now + timedelta(seconds=lease_s)}
+    with store.write() as conn:
+        capacity = None
+        in_flight = 0
+        if model_url is not None:
+            capacity = lock_server(conn, model_url, now, store.is_postgres)
+            in_flight = int(conn.execute(IN_FLIGHT, {"p_url": model_url, "p_now": now})
+                            .scalar_one())
+            if in_flight >= capacity.limit:
+                return None
+        row = conn.execute(claim_statement(store.is_postgres), params).first()
+        if row is None:
+            return None
+        conn.execute(WORKER_BUSY, {"p_worker": worker_id, "p_task": row.task_id, "p_now": now})
+    return Admitted(task_snapshot(row), in_flight + 1 if model_url is not None else None, capacity)
+

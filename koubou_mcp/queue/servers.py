@@ -1,0 +1,111 @@
+"""Model servers: their slot limits (pinned or learned) and the slots in use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, select, update
+
+from koubou_mcp.admission import Capacity, Observation, next_capacity
+from koubou_mcp.queue.records import capacity_of, capacity_values
+from koubou_mcp.queue.statements import IN_FLIGHT, READY, SERVER_INSERT_PG, M, T
+from koubou_mcp.store import Store
+
+
+def lock_server(conn: Connection, url: str, now: datetime, postgres: bool) -> Capacity:
+    """The server's row, locked for this transaction (made at one slot when new).
+
+    On PostgreSQL the row lock serialises admissions to one server (SQLite's write lock does
+    that already), so two workers never both take the last slot.
+    """
+    query = select(M).where(M.c.url == url)
+    if postgres:
+        query = query.with_for_update()
+    row = conn.execute(query).first()
+    if row is None:
+        cap = Capacity(url=url)
+        if postgres:
+            conn.execute(SERVER_INSERT_PG, {"url": url, "now": now})
+            row = conn.execute(query).first()
+            return capacity_of(row) if row is not None else cap
+        conn.execute(M.insert().values(url=url, **capacity_values(cap, now)))
+        return cap
+    return capacity_of(row)
+
+
+def configure_model_server(store: Store, url: str, pinned_limit: int | None,
+                           now: datetime) -> Capacity:
+    """Pin the server's slot limit (``KOUBOU_OLLAMA_PARALLEL``), or unpin a pinned one so that
+    it is learned again (from one slot). Called by each worker as it starts."""
+    with store.write() as conn:
+        cap = lock_server(conn, url, now, store.is_postgres)
+        if pinned_limit is not None:
+            new = Capacity(url=url, limit=pinned_limit, pinned=True,
+                           baseline_ttft_s=cap.baseline_ttft_s, baseline_tps=cap.baseline_tps,
+                           last_ttft_s=cap.last_ttft_s, last_tps=cap.last_tps,
+                           busy_events=cap.busy_events)
+        elif cap.pinned:
+            new = Capacity(url=url, baseline_ttft_s=cap.baseline_ttft_s,
+                           baseline_tps=cap.baseline_tps, busy_events=cap.busy_events)
+        else:
+            return cap
+        conn.execute(update(M).where(M.c.url == url).values(**capacity_values(new, now)))
+    store.notify_new_work()
+    return new
+
+
+def observe_model_server(store: Store, url: str, observation: Observation, now: datetime,
+                         max_limit: int) -> Capacity:
+    """Apply one request's measurements to what is known of the server (``admission``)."""
+    with store.write() as conn:
+        before = lock_server(conn, url, now, store.is_postgres)
+        after = next_capacity(before, observation, now, max_limit)
+        if after != before:
+            conn.execute(update(M).where(M.c.url == url).values(**capacity_values(after, now)))
+    if after.limit > before.limit:
+        store.notify_new_work()  # a worker waiting for a slot can take the new one
+    return after
+
+
+@dataclass(frozen=True)
+class ServerUse:
+    """A model server as health, stats, metrics and `top` show it."""
+
+    capacity: Capacity
+    in_use: int
+    #: ready pending tasks: they wait for a slot when ``in_use`` has reached the limit
+    waiting: int
+
+    def as_dict(self) -> dict[str, Any]:
+        cap = self.capacity
+        return {"url": cap.url, "slots_in_use": self.in_use, "slot_limit": cap.limit,
+                "limit_source": "pinned (KOUBOU_OLLAMA_PARALLEL)" if cap.pinned else "learned",
+                "waiting": self.waiting, "good": cap.good, "ceiling": cap.ceiling,
+                "first_token_s": _round(cap.last_ttft_s),
+                "baseline_first_token_s": _round(cap.baseline_ttft_s),
+                "tokens_per_s": _round(cap.last_tps), "busy_events": cap.busy_events}
+
+
+def model_servers(store: Store, now: datetime) -> list[ServerUse]:
+    """Every model server the pool has used, with its slots in use."""
+    with store.read() as conn:
+        rows = conn.execute(select(M).order_by(M.c.url)).all()
+        ready = int(conn.execute(
+            select(func.count()).select_from(T).where(READY), {"p_now": now}).scalar_one())
+        return [ServerUse(capacity_of(r), int(conn.execute(
+            IN_FLIGHT, {"p_url": r.url, "p_now": now}).scalar_one()), ready) for r in rows]
+
+
+def model_server(store: Store, url: str, now: datetime) -> ServerUse | None:
+    """One model server's use, or None when no worker has used it yet."""
+    for use in model_servers(store, now):
+        if use.capacity.url == url:
+            return use
+    return None
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+

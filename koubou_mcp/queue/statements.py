@@ -1,0 +1,135 @@
+"""The queue's SQL, named in one place.
+
+The hot path's statements are built once, with bound parameters (``p_*``): building and
+cache-keying a SQLAlchemy statement on every call cost more CPU than running it (see
+docs/benchmarks.md). The operations in the sibling modules pass values. The few statements
+that depend on the call (a where-clause the caller chooses, a list of ids) are built beside
+their one user, from the tables and conditions named here.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    DateTime,
+    Float,
+    Integer,
+    String,
+    Text,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.sql.elements import ColumnElement
+
+from koubou_mcp.models import FINAL_STATUSES, ModelServer, Task, TaskStatus, Worker, WorkerStatus
+
+T = Task.__table__  # type: ignore[attr-defined]
+W = Worker.__table__  # type: ignore[attr-defined]
+M = ModelServer.__table__  # type: ignore[attr-defined]
+
+#: the statuses a task never leaves, as stored
+FINAL = [s.value for s in FINAL_STATUSES]
+
+NOW = bindparam("p_now", type_=DateTime())
+LEASE = bindparam("p_lease", type_=DateTime())
+WORKER = bindparam("p_worker", type_=String())
+TASK = bindparam("p_task", type_=String())
+URL = bindparam("p_url", type_=String())
+
+#: a pending task not waiting out a retry backoff at ``p_now``
+READY = and_(T.c.status == TaskStatus.PENDING.value,
+             or_(T.c.not_before.is_(None), T.c.not_before <= NOW))
+ANY_READY = select(T.c.task_id).where(READY).limit(1)
+
+
+def ready_at(now: datetime) -> ColumnElement[bool]:
+    """Not waiting out a retry backoff at ``now`` (with the value inlined, for ad-hoc reads)."""
+    return or_(T.c.not_before.is_(None), T.c.not_before <= now)
+
+
+# -- enqueue ------------------------------------------------------------------------------
+
+INSERT_TASK = T.insert().returning(*T.c)  # the values travel as parameters
+#: serialises enqueues that carry the same idempotency key (PostgreSQL; SQLite's write lock
+#: does that already)
+IDEMPOTENCY_LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:k))")
+
+
+# -- claim --------------------------------------------------------------------------------
+
+@functools.cache
+def claim_statement(postgres: bool) -> Any:
+    """One ``UPDATE … RETURNING``: the best ready task (highest priority, then oldest) becomes
+    ``p_worker``'s, with a lease until ``p_lease`` (``SKIP LOCKED`` on PostgreSQL)."""
+    candidate = (
+        select(T.c.task_id).where(READY)
+        .order_by(T.c.priority.desc(), T.c.created_at, T.c.task_id)
+        .limit(1)
+    )
+    if postgres:
+        candidate = candidate.with_for_update(skip_locked=True)
+    return (
+        update(T)
+        .where(T.c.task_id == candidate.scalar_subquery(), T.c.status == TaskStatus.PENDING.value)
+        .values(status=TaskStatus.IN_PROGRESS.value, worker_id=WORKER,
+                attempts=T.c.attempts + 1, lease_expires_at=LEASE, started_at=NOW,
+                finished_at=None, updated_at=NOW, model_url=URL,
+                partial_result=None, tokens=None, first_token_s=None, progress_at=None)
+        .returning(*T.c)
+    )
+
+
+#: slots of a model server in use: tasks bound to it, in progress, whose lease still runs
+IN_FLIGHT = select(func.count()).select_from(T).where(
+    T.c.status == TaskStatus.IN_PROGRESS.value,
+    T.c.model_url == URL,
+    T.c.lease_expires_at >= NOW,
+)
+WORKER_BUSY = update(W).where(W.c.worker_id == WORKER).values(
+    status=WorkerStatus.BUSY.value, current_task=TASK, last_heartbeat=NOW, idle_since=None)
+#: a new model server's row at one slot; another worker may insert it first
+SERVER_INSERT_PG = text(
+    "INSERT INTO model_servers (url, slot_limit, pinned, good, busy_events, "
+    "updated_at) VALUES (:url, 1, false, 0, 0, :now) ON CONFLICT (url) DO NOTHING"
+)
+
+
+# -- heartbeat and the end of a run ---------------------------------------------------------
+
+WORKER_BEAT = update(W).where(W.c.worker_id == WORKER).values(last_heartbeat=NOW)
+TASK_BEAT = (
+    update(T)
+    .where(T.c.task_id == TASK, T.c.worker_id == WORKER,
+           T.c.status == TaskStatus.IN_PROGRESS.value)
+    .values(lease_expires_at=LEASE)
+    .returning(T.c.cancel_requested)
+)
+TASK_BEAT_PROGRESS = TASK_BEAT.values(
+    partial_result=bindparam("p_partial", type_=Text()),
+    tokens=bindparam("p_tokens", type_=Integer()),
+    first_token_s=bindparam("p_ttft", type_=Float()),
+    progress_at=NOW,
+)
+COMPLETE = (
+    update(T)
+    .where(T.c.task_id == TASK, T.c.status.not_in(FINAL))
+    .values(status=TaskStatus.COMPLETED.value, result=bindparam("p_result", type_=Text()),
+            error=None, error_kind=None, worker_id=WORKER, lease_expires_at=None,
+            finished_at=NOW, updated_at=NOW, partial_result=None)
+    .returning(T.c.task_id)
+)
+COMPLETE_COUNTED = COMPLETE.values(tokens=bindparam("p_tokens", type_=Integer()),
+                                   first_token_s=bindparam("p_ttft", type_=Float()))
+WORKER_DONE = update(W).where(W.c.worker_id == WORKER).values(
+    status=WorkerStatus.IDLE.value, current_task=None, idle_since=NOW, last_heartbeat=NOW,
+    tasks_completed=W.c.tasks_completed + bindparam("p_completed", type_=Integer()),
+    tasks_failed=W.c.tasks_failed + bindparam("p_failed", type_=Integer()),
+)
