@@ -481,9 +481,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("cannot write %s (%s); logging to stderr only",
                     settings.logs_dir / "mcp_server.log", exc.strerror or exc)
     _warn_left_behind(settings)
+    if settings.transport == "stdio" and sys.stdin.isatty():
+        print(terminal_hint(own_command()), file=sys.stderr, flush=True)
     run_server(settings, pool=not settings.no_pool, transport=settings.transport,
                host=settings.http_host, port=settings.http_port)
     return EXIT_OK
+
+
+def terminal_hint(command: str) -> str:
+    """What someone who started the MCP server in a terminal sees on stderr: the server speaks
+    JSON-RPC on stdin/stdout to a client, so without this it looks like a blank screen."""
+    return (
+        "koubou-mcp: this is an MCP server; it speaks MCP on stdin/stdout and waits for a client "
+        "such as Claude Code. Typing here does nothing.\n"
+        f"  register it:    claude mcp add koubou -- {command}\n"
+        f"  check setup:    {command} doctor\n"
+        f"  watch the pool: {command} top\n"
+        "  stop:           Ctrl-C"
+    )
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ def run_server(settings: Settings, *, pool: bool = True, transport: str = "stdio
     arrives."""
     if transport == "stdio":
         server = build_server(settings, pool=pool)
-        anyio.run(_serve_until_signal, server.run_stdio_async)
+        anyio.run(_serve_until_signal, server.run_stdio_async, server.service.stopped)
     elif transport == "streamable-http":
         serve_http(settings, pool=pool, host=host, port=port)
     else:
@@ -48,12 +48,14 @@ def run_server(settings: Settings, *, pool: bool = True, transport: str = "stdio
 
 # -- stdio --------------------------------------------------------------------------------
 
-async def _serve_until_signal(serve: Callable[[], Awaitable[None]]) -> None:
+async def _serve_until_signal(serve: Callable[[], Awaitable[None]],
+                              cleaned_up: threading.Event | None = None) -> None:
     """Run ``serve``; on SIGTERM/SIGINT/SIGHUP stop it (its lifespan cleans up).
 
-    The stdio transport reads stdin in a thread that a cancellation cannot interrupt; should
-    stdin stay open after a stop signal, a watchdog ends the process once the lifespan has had
-    ``SHUTDOWN_GRACE_S`` to clean up.
+    The stdio transport reads stdin in a thread that a cancellation cannot interrupt (Ctrl-C
+    in a terminal leaves stdin open), so after a stop signal a watchdog ends the process as
+    soon as the lifespan has cleaned up (``cleaned_up``), quietly, or after
+    ``SHUTDOWN_GRACE_S`` with a warning.
     """
     async with anyio.create_task_group() as tg:
         async def watch() -> None:
@@ -61,7 +63,7 @@ async def _serve_until_signal(serve: Callable[[], Awaitable[None]]) -> None:
                                             signal.SIGHUP) as signals:
                 async for signum in signals:
                     log.info("received %s: shutting down", signal.Signals(signum).name)
-                    _arm_watchdog(SHUTDOWN_GRACE_S)
+                    _arm_watchdog(SHUTDOWN_GRACE_S, cleaned_up)
                     tg.cancel_scope.cancel()
                     return
 
@@ -70,9 +72,15 @@ async def _serve_until_signal(serve: Callable[[], Awaitable[None]]) -> None:
         tg.cancel_scope.cancel()
 
 
-def _arm_watchdog(delay_s: float) -> None:
+def _arm_watchdog(delay_s: float, cleaned_up: threading.Event | None = None) -> None:
+    """End the process ``delay_s`` from now, or as soon as ``cleaned_up`` is set."""
+    done = cleaned_up if cleaned_up is not None else threading.Event()
+
     def expire() -> None:
-        log.warning("shutdown took longer than %.1f s; exiting now", delay_s)
+        if done.wait(delay_s):
+            log.info("shut down cleanly")
+        else:
+            log.warning("shutdown took longer than %.1f s; exiting now", delay_s)
         for handler in logging.getLogger().handlers:
             with suppress(Exception):
                 handler.flush()
@@ -80,9 +88,7 @@ def _arm_watchdog(delay_s: float) -> None:
             sys.stderr.flush()
         os._exit(0)
 
-    timer = threading.Timer(delay_s, expire)
-    timer.daemon = True
-    timer.start()
+    threading.Thread(target=expire, name="shutdown-watchdog", daemon=True).start()
 
 
 # -- Streamable HTTP ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Literal, Protocol, TypeVar
@@ -334,6 +335,8 @@ class Service:
         self.store_error: str | None = None
         self.pool: PoolHandle | None = None
         self.pool_error: str | None = None
+        #: set once ``stop`` has finished: the process may exit without waiting for more
+        self.stopped = threading.Event()
 
     # -- life ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -371,6 +374,7 @@ class Service:
         if self.store is not None:
             store, self.store = self.store, None
             store.close()
+        self.stopped.set()
 
     def require_store(self) -> Store:
         if self.store is None:

@@ -3,14 +3,9 @@ types. The exit code and stderr are written to files by the shell tmux runs it i
 
 from __future__ import annotations
 
-import shlex
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -20,29 +15,16 @@ from koubou_mcp.models import utcnow
 from koubou_mcp.store import open_store
 from tests.support.env import child_env
 from tests.support.processes import koubou_command
+from tests.support.terminal import Terminal, terminal
 from tests.support.top_seed import Seeded, seed_pool
 from tests.support.waiting import wait_until
 
-TMUX = shutil.which("tmux")
 
-
-@dataclass
-class Terminal:
-    socket: Path
-    exit_file: Path
-    stderr_file: Path
-
-    def tmux(self, *args: str) -> str:
-        assert TMUX is not None
-        return subprocess.run([TMUX, "-S", str(self.socket), *args], capture_output=True,
-                              text=True, timeout=10, check=True).stdout
-
-    def screen(self) -> str:
-        return self.tmux("capture-pane", "-p", "-t", "top")
-
-    def exit_code(self) -> int | None:
-        text = self.exit_file.read_text() if self.exit_file.exists() else ""
-        return int(text) if text.strip() else None
+@pytest.fixture
+def e2e_settings(e2e_settings: Settings) -> Settings:
+    # The seeded heartbeats are not renewed: with the e2e lease (3 s) a slow start of `top`
+    # would show the seeded busy worker as silent before the test reads the first view.
+    return e2e_settings.with_overrides(lease_s=300.0)
 
 
 @pytest.fixture
@@ -55,37 +37,25 @@ def seeded(e2e_settings: Settings) -> Seeded:
 
 
 @pytest.fixture
-def terminal(e2e_settings: Settings, seeded: Seeded) -> Iterator[Terminal]:
+def term(e2e_settings: Settings, seeded: Seeded) -> Iterator[Terminal]:
     """`koubou-mcp top` running in a 120x50 tmux window on a private tmux server."""
-    assert TMUX, "these tests need tmux (Debian package tmux; .ci/run installs it)"
-    short = Path(tempfile.mkdtemp(prefix="kt-"))  # a unix socket path must stay short
-    term = Terminal(short / "tmux.sock", short / "exit", short / "stderr")
-    shell = (f"{shlex.quote(koubou_command())} top 2>{shlex.quote(str(term.stderr_file))}; "
-             f"echo $? >{shlex.quote(str(term.exit_file))}.part; "
-             f"mv {shlex.quote(str(term.exit_file))}.part {shlex.quote(str(term.exit_file))}")
-    subprocess.run([TMUX, "-S", str(term.socket), "new-session", "-d", "-s", "top", "-x", "120",
-                    "-y", "50", shell], env=child_env(e2e_settings), check=True, timeout=10)
-    try:
-        yield term
-    finally:
-        subprocess.run([TMUX, "-S", str(term.socket), "kill-server"], capture_output=True,
-                       timeout=10, check=False)
-        shutil.rmtree(short, ignore_errors=True)
+    with terminal([koubou_command(), "top"], child_env(e2e_settings)) as t:
+        yield t
 
 
 @pytest.mark.parametrize("key", ["q", "C-c"])
 def test_top_shows_the_pool_follows_changes_and_exits_cleanly_on_a_key(
-    e2e_settings: Settings, seeded: Seeded, terminal: Terminal, key: str
+    e2e_settings: Settings, seeded: Seeded, term: Terminal, key: str
 ) -> None:
     def shows(*texts: str) -> bool:
-        screen = terminal.screen()
+        screen = term.screen()
         return all(t in screen for t in texts)
 
     wait_until(lambda: shows("Workers: 2 (1 busy)", "w-alpha", seeded.running_task, "host-a",
                              "w-beta", "Queue by priority", "Model-server slots",
                              "CHANGELOG-SUMMARY-OK", "backend: model said no"),
                timeout=30, interval=0.1, message="the first view of the pool")
-    running_row = next(line for line in terminal.screen().splitlines() if "w-alpha" in line)
+    running_row = next(line for line in term.screen().splitlines() if "w-alpha" in line)
     assert "busy" in running_row
 
     # The view refreshes by itself: the running task finishes and shows up among the results.
@@ -98,10 +68,10 @@ def test_top_shows_the_pool_follows_changes_and_exits_cleanly_on_a_key(
     wait_until(lambda: shows("LONG-ONE-DONE", "completed: 2", "Workers: 2 (0 busy)"),
                timeout=15, interval=0.1, message="the view to show the finished task")
 
-    terminal.tmux("send-keys", "-t", "top", key)
-    code = wait_until(lambda: terminal.exit_code() is not None and (terminal.exit_code(),),
+    term.keys(key)
+    code = wait_until(lambda: term.exit_code() is not None and (term.exit_code(),),
                       timeout=15, interval=0.1, message="top to exit")[0]
-    stderr = terminal.stderr_file.read_text()
+    stderr = term.stderr_file.read_text()
     assert code == 0, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
 
