@@ -8,8 +8,10 @@ else reads the environment (except the worker's ``WORKER_ID``, read in ``cli.py`
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -75,6 +77,11 @@ KNOBS: dict[str, Knob] = {
         "Codex sandbox: read-only, workspace-write, or danger-full-access (only when named)",
     ),
     "workdir": Knob("KOUBOU_WORKDIR", None, "directory Codex works in (its -C)"),
+    "codex_env_pass": Knob(
+        "KOUBOU_CODEX_ENV_PASS", None,
+        "more environment variables Codex may see, comma-separated names or NAME_* patterns "
+        "(it gets PATH, HOME, locale, terminal, CODEX_*, OLLAMA_* and no KOUBOU_* variable)",
+    ),
     "code_timeout_s": Knob("KOUBOU_CODE_TIMEOUT", None, "default time limit of a `code` task, s"),
     "general_timeout_s": Knob(
         "KOUBOU_GENERAL_TIMEOUT", None, "default time limit of a `general` task, s"
@@ -154,6 +161,7 @@ class Settings:
     codex_bin: str = "codex"
     codex_sandbox: str = "read-only"
     workdir: Path = field(default_factory=Path.cwd)
+    codex_env_pass: str = ""
     code_timeout_s: float = 120.0
     general_timeout_s: float = 60.0
     max_timeout_s: float = 3600.0
@@ -180,6 +188,11 @@ class Settings:
     http_port: int = 8765
     http_token: str = field(default="", repr=False)  # a secret: kept out of reprs and logs
     no_pool: bool = False
+    #: The environment Codex runs in (``codex_environment``): not a knob, derived from the
+    #: environment this process started with and ``codex_env_pass``.
+    codex_env: Mapping[str, str] = field(
+        default_factory=lambda: codex_environment(os.environ), repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -209,6 +222,11 @@ class Settings:
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
+    @property
+    def codex_env_patterns(self) -> tuple[str, ...]:
+        """The names and ``NAME_*`` patterns of ``codex_env_pass``."""
+        return tuple(p for p in (part.strip() for part in self.codex_env_pass.split(",")) if p)
+
     def timeout_for(self, task_type: str) -> float:
         return self.code_timeout_s if task_type == "code" else self.general_timeout_s
 
@@ -230,6 +248,15 @@ class Settings:
              "must be an http(s) URL such as http://127.0.0.1:11434")
         for name in ("general_model", "code_model", "codex_bin"):
             need(bool(getattr(self, name).strip()), name, "must not be empty")
+        for pattern in self.codex_env_patterns:
+            if not _ENV_PATTERN.fullmatch(pattern):
+                raise ConfigError(f"{_describe('codex_env_pass')} must list variable names "
+                                  f"(letters, digits, _) or NAME_* patterns, comma-separated "
+                                  f"(got {pattern!r})")
+            if pattern.upper().startswith("KOUBOU_"):
+                raise ConfigError(f"{_describe('codex_env_pass')} must not name koubou-mcp's own "
+                                  f"variables (its token and database URL stay out of Codex's "
+                                  f"reach; got {pattern!r})")
         need(self.codex_sandbox in SANDBOX_MODES, "codex_sandbox",
              f"must be one of {', '.join(SANDBOX_MODES)}")
         for name in ("code_timeout_s", "general_timeout_s", "max_timeout_s", "lease_s",
@@ -301,7 +328,10 @@ class Settings:
             values["home"] = default_home(env)
         if "workdir" in values:
             values["workdir"] = Path(values["workdir"]).expanduser().absolute()
-        return cls(**values)
+        settings = cls(**values)  # validated, codex_env_pass included
+        return dataclasses.replace(
+            settings, codex_env=codex_environment(env, settings.codex_env_patterns)
+        )
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with some settings replaced (None means keep), validated again."""
@@ -315,6 +345,36 @@ class Settings:
             value = getattr(self, name)
             out[knob.env] = str(value)
         return out
+
+
+#: Variables the Codex child needs whatever the setup: where programs are, whose home, the
+#: locale and the terminal, temp and XDG directories, the TLS trust store.
+CODEX_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR", "TZ", "LANG", "LANGUAGE", "TERM",
+    "COLORTERM", "NO_COLOR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME",
+    "XDG_STATE_HOME", "XDG_RUNTIME_DIR", "SSL_CERT_FILE", "SSL_CERT_DIR", "OPENAI_BASE_URL",
+})
+#: Prefixes of variable families it may read: locale, Codex's own, the model server's.
+CODEX_ENV_PREFIXES = ("LC_", "CODEX_", "OLLAMA_")
+_ENV_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
+
+
+def codex_environment(env: Mapping[str, str], extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """What the Codex child may see of ``env``: an allow-list, not a deny-list.
+
+    Codex runs commands a model wrote, so it must not inherit koubou-mcp's bearer token, the
+    database URL (with its password) or cloud credentials that happen to be exported. It gets
+    the names above, plus ``extra`` (names, or ``NAME_*`` patterns, from
+    KOUBOU_CODEX_ENV_PASS); a ``KOUBOU_*`` variable never, whatever ``extra`` says.
+    """
+    out: dict[str, str] = {}
+    for name, value in env.items():
+        if name.startswith("KOUBOU_"):
+            continue
+        if (name in CODEX_ENV_NAMES or name.startswith(CODEX_ENV_PREFIXES)
+                or any(fnmatch.fnmatchcase(name, pattern) for pattern in extra)):
+            out[name] = value
+    return out
 
 
 def _describe(name: str) -> str:

@@ -233,7 +233,7 @@ async def check_codex(settings: Settings, *, timeout_s: float = CODEX_PROBE_TIME
     """The Codex CLI is installed and says its version. Optional: only ``code`` tasks need it."""
     backend = CodexBackend(settings.codex_bin, settings.code_model, settings.ollama_url,
                            settings.codex_sandbox, str(settings.workdir),
-                           probe_timeout_s=timeout_s)
+                           env=settings.codex_env, probe_timeout_s=timeout_s)
     probe = await backend.probe()
     data = {"bin": settings.codex_bin, "found": probe["found"], "path": probe["path"],
             "version": probe["version"]}

@@ -8,12 +8,13 @@ starts, signals and finds processes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -250,6 +251,91 @@ def wait_gone(pid: int, timeout_s: float) -> bool:
     return True
 
 
+# -- descendants that left the process group -----------------------------------------------
+
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
+
+
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    return getattr(libc, "prctl", None)
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux ``prctl``).
+
+    A Codex run is killed by its process group; a descendant that called ``setsid()`` left the
+    group, and once its parent dies it would go to init and run on unseen. As a subreaper the
+    worker adopts it instead, and ``kill_adopted`` finds it among its own children. Returns
+    False where the system does not offer it (then only the group is killed).
+    """
+    prctl = _prctl()
+    return prctl is not None and prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def is_subreaper() -> bool:
+    """Whether this process adopts its orphaned descendants (``become_subreaper``)."""
+    prctl = _prctl()
+    if prctl is None:
+        return False
+    flag = ctypes.c_int(0)
+    return prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value != 0
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` now, from /proc (empty where /proc cannot tell)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def kill_adopted(keep: Collection[int], timeout_s: float = 5.0) -> list[int]:
+    """SIGKILL and reap every child of this subreaper that it did not start (not in ``keep``).
+
+    Such children are orphans it adopted: descendants of a finished Codex run that left its
+    process group. Each one reaped hands its own children to us in turn, so this goes on until
+    a pass finds none (or ``timeout_s`` passes). Only a subreaper may call it: any other
+    process's unknown children are its own business. Returns the pids killed.
+    """
+    me, killed = os.getpid(), []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        adopted = [pid for pid in children_of(me) if pid not in keep]
+        if not adopted:
+            break
+        for pid in adopted:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in adopted:
+            # reaped one by one by pid (never waitpid(-1), which could take the exit status
+            # of a child someone else waits for); its children are ours by the time it is
+            while time.monotonic() < deadline:
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0] != 0:
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.01)
+            killed.append(pid)
+    return killed
+
+
 # -- the Codex process groups of a worker ---------------------------------------------------
 
 class GroupLedger:
@@ -311,5 +397,6 @@ class GroupLedger:
 __all__ = [
     "GroupLedger", "Launcher", "Managed", "ManagedWorkers", "Phase", "PopenWorker",
     "ProcessLauncher", "WorkerProcess",
-    "describe_exit", "process_alive", "process_cmdline", "wait_gone", "worker_command",
+    "become_subreaper", "children_of", "describe_exit", "is_subreaper", "kill_adopted",
+    "process_alive", "process_cmdline", "wait_gone", "worker_command",
 ]

@@ -34,6 +34,7 @@ from koubou_mcp.backends.codex import CodexBackend
 from koubou_mcp.backends.ollama import OllamaBackend
 from koubou_mcp.config import Settings
 from koubou_mcp.models import TaskSnapshot, WorkerStatus, utcnow
+from koubou_mcp.processes import become_subreaper
 from koubou_mcp.store import Store
 
 log = logging.getLogger("koubou_mcp.worker")
@@ -49,8 +50,11 @@ def build_backends(settings: Settings, worker_id: str) -> dict[str, Backend]:
         "general": OllamaBackend(settings.ollama_url, settings.general_model),
         "code": CodexBackend(
             settings.codex_bin, settings.code_model, settings.ollama_url,
-            settings.codex_sandbox, str(settings.workdir),
+            settings.codex_sandbox, str(settings.workdir), env=settings.codex_env,
             groups_dir=str(settings.child_groups_dir(worker_id)),
+            # the -o files live beside the group notes, so whoever reaps a SIGKILLed worker
+            # (GroupLedger.kill_all) removes them with the notes
+            output_dir=str(settings.child_groups_dir(worker_id)),
         ),
     }
 
@@ -368,6 +372,11 @@ class Worker:
 def run_worker(settings: Settings, store: Store, worker_id: str, *,
                supervisor_pid: int | None = None, max_tasks: int | None = None) -> None:
     """Run a worker in this process until it is told to stop."""
+    # Descendants of a Codex run that leave its process group come back to us when orphaned,
+    # so the run's end can kill them too (processes.kill_adopted).
+    if not become_subreaper():
+        log.info("no child subreaper here: a Codex descendant that leaves its process group "
+                 "is not killed with it")
     worker = Worker(settings, store, worker_id, build_backends(settings, worker_id),
                     supervisor_pid=supervisor_pid, max_tasks=max_tasks)
     anyio.run(worker.run)

@@ -33,7 +33,8 @@ from koubou_mcp.backends.base import (
     bound_result,
 )
 from koubou_mcp.backends.codex_events import CodexEvents
-from koubou_mcp.processes import GroupLedger
+from koubou_mcp.config import make_private_dir
+from koubou_mcp.processes import GroupLedger, is_subreaper, kill_adopted
 
 #: How much of stderr goes into a ``codex_exit`` error message.
 STDERR_EXCERPT_CHARS = 2000
@@ -45,6 +46,10 @@ _DRAIN_GRACE_S = 2.0
 #: Upper bound on waiting for a killed child to be reaped (it cannot ignore SIGKILL).
 _REAP_TIMEOUT_S = 5.0
 _READ_CHUNK = 64 * 1024
+
+#: The children this process started and has not reaped yet: a subreaper's other children
+#: are orphans a finished run left behind (``processes.kill_adopted``).
+_STARTED: set[int] = set()
 
 _INSTALL_HINT = "install it with `npm i -g @openai/codex`, or set KOUBOU_CODEX_BIN to its path"
 
@@ -84,7 +89,7 @@ class CodexBackend:
         sandbox: str,
         workdir: str,
         *,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str],
         kill_grace_s: float = 1.0,
         probe_timeout_s: float = 10.0,
         output_dir: str | None = None,
@@ -102,7 +107,9 @@ class CodexBackend:
         # whoever reaps a worker that was SIGKILLed (its own session dies with it, Codex's does
         # not) can kill the orphaned tree too.
         self.groups_dir = groups_dir
-        self._env = dict(os.environ if env is None else env)
+        # Exactly what the caller allows (``config.codex_environment``): the child runs
+        # commands a model wrote, so it gets no more than that.
+        self._env = dict(env)
         self._env["CODEX_OSS_BASE_URL"] = oss_base_url(ollama_url)
 
     def command(self, codex_path: str, outfile: str, model: str | None = None) -> list[str]:
@@ -143,6 +150,8 @@ class CodexBackend:
             raise
 
     async def _run(self, codex_path: str, request: BackendRequest, events: CodexEvents) -> str:
+        if self.output_dir is not None:
+            make_private_dir(Path(self.output_dir))
         # mode 0600, a fresh name each run
         fd, outfile = tempfile.mkstemp(prefix="koubou-codex-", suffix=".txt", dir=self.output_dir)
         os.close(fd)
@@ -314,6 +323,7 @@ async def _run_process(
                 f"cannot start {argv[0]!r}: {exc}; {_INSTALL_HINT}", kind="codex_missing"
             ) from exc
         raise TransientBackendError(f"cannot start {argv[0]!r}: {exc}", kind="spawn_failed") from exc
+    _STARTED.add(process.pid)
     ledger = GroupLedger(Path(groups_dir)) if groups_dir is not None else None
     noted = ledger is not None and ledger.record(process.pid)
     try:
@@ -321,6 +331,10 @@ async def _run_process(
     finally:
         with anyio.CancelScope(shield=True):
             await _stop_process_group(process, kill_grace_s)
+            _STARTED.discard(process.pid)
+            if is_subreaper():
+                # what left the group (setsid) and lost its parent came to us: kill it too
+                await anyio.to_thread.run_sync(kill_adopted, frozenset(_STARTED))
         if ledger is not None and noted:
             ledger.forget(process.pid)
     return returncode, stdout, stderr

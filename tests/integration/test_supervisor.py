@@ -222,6 +222,8 @@ def test_the_codex_tree_of_a_sigkilled_worker_is_killed_when_the_worker_is_reape
     # the supervisor passes its environment on to workers, and they to Codex
     monkeypatch.setenv("FAKE_CODEX_MODE", "hang")
     monkeypatch.setenv("FAKE_CODEX_PIDFILE", str(pidfile))
+    record = tmp_path / "codex.jsonl"
+    monkeypatch.setenv("FAKE_CODEX_RECORD", str(record))
     settings = pool_settings.with_overrides(codex_bin=str(FAKE_CODEX_PATH), workdir=tmp_path,
                                             lease_s=30.0)
     handle = pool_thread(settings)
@@ -239,4 +241,7 @@ def test_the_codex_tree_of_a_sigkilled_worker_is_killed_when_the_worker_is_reape
 
     wait_until(lambda: not pid_alive(pids["parent"]) and not pid_alive(pids["child"]), 10,
                message="the orphaned codex process tree to be killed")
+    argv = json.loads(record.read_text().splitlines()[0])["argv"]
+    outfile = Path(argv[argv.index("-o") + 1])
+    wait_until(lambda: not outfile.exists(), 10, message="the run's -o file to be removed")
     queue.cancel(sqlite_store, task.task_id, utcnow())

@@ -163,6 +163,43 @@ def test_cancel_kills_a_hanging_codex_process_tree(
     wait_dead(pids["child"])
 
 
+def test_codex_sees_an_allow_listed_environment_without_koubous_secrets(
+    store: Store, wsettings: Settings, procs: Processes, tmp_path: Path
+) -> None:
+    record = tmp_path / "codex.jsonl"
+    settings = wsettings.with_overrides(http_token="t" * 32,
+                                        codex_env_pass="FAKE_CODEX_*, MY_TOOL_HOME")
+    procs.worker(settings, "w1", {
+        "FAKE_CODEX_RECORD": str(record), "FAKE_CODEX_ENV_RECORD": "1",
+        "AWS_SECRET_ACCESS_KEY": "cloud-secret", "DATABASE_URL": "postgresql://u:pw@db/x",
+        "MY_TOOL_HOME": "/opt/tool", "LC_ALL": "C.UTF-8", "OLLAMA_MODELS": "/models",
+        "CODEX_HOME": str(tmp_path / "codex-home"),
+    })
+    code = submit(store, settings, "hello", type="code")
+    assert wait_until(lambda: ended(store, code), timeout=15).status == "completed"
+    names = set(json.loads(record.read_text().splitlines()[0])["env_names"])
+    assert {"PATH", "HOME", "LC_ALL", "OLLAMA_MODELS", "CODEX_HOME", "CODEX_OSS_BASE_URL",
+            "MY_TOOL_HOME", "FAKE_CODEX_RECORD"} <= names
+    assert not {n for n in names if n.startswith("KOUBOU_")}, "no token, no database URL"
+    assert not names & {"AWS_SECRET_ACCESS_KEY", "DATABASE_URL", "WORKER_ID"}
+
+
+def test_a_codex_descendant_that_left_the_process_group_is_killed_at_the_runs_end(
+    store: Store, wsettings: Settings, procs: Processes, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "codex.pids"
+    procs.worker(wsettings, "w1", {"FAKE_CODEX_ESCAPE": "1", "FAKE_CODEX_PIDFILE": str(pidfile)})
+    code = submit(store, wsettings, "leave something behind", type="code")
+    try:
+        assert wait_until(lambda: ended(store, code), timeout=15).status == "completed"
+        pids = json.loads(wait_until(pidfile.read_text, message="pid file content"))
+        wait_dead(pids["escaped"])
+    finally:
+        pids = json.loads(pidfile.read_text()) if pidfile.exists() else {}
+        if pids and pid_alive(pids["escaped"]):
+            os.kill(pids["escaped"], signal.SIGKILL)
+
+
 def test_a_backend_error_fails_the_task_and_the_worker_stays_healthy(
     store: Store, wsettings: Settings, procs: Processes
 ) -> None:

@@ -60,6 +60,7 @@ def settings(home: Path) -> Settings:
     return Settings.from_env(
         {}, home=str(home), heartbeat_s=0.2, lease_s=3.0, poll_s=0.5, retry_base_s=0.05,
         retry_max_s=0.2, idle_timeout_s=1.0, drain_grace_s=5.0,
+        codex_env_pass="FAKE_CODEX_*",  # the stand-in Codex is steered by these
     )
 
 

@@ -95,3 +95,28 @@ def test_to_env_round_trips_the_settings(tmp_path: Path) -> None:
 def test_every_knob_has_an_env_var_named_koubou() -> None:
     assert all(k.env.startswith("KOUBOU_") for k in KNOBS.values())
     assert len({k.env for k in KNOBS.values()}) == len(KNOBS)
+
+
+def test_codex_gets_an_allow_listed_environment_and_never_koubous_own_variables() -> None:
+    env = {
+        "PATH": "/usr/bin", "HOME": "/home/ann", "LANG": "C.UTF-8", "LC_ALL": "C", "TERM": "xterm",
+        "CODEX_HOME": "/home/ann/.codex", "OLLAMA_HOST": "127.0.0.1:11434",
+        "KOUBOU_HTTP_TOKEN": "s" * 32, "KOUBOU_DATABASE_URL": "postgresql+psycopg://u:pw@db/k",
+        "AWS_SECRET_ACCESS_KEY": "x", "GOOGLE_APPLICATION_CREDENTIALS": "/k.json",
+        "OPENAI_API_KEY": "sk-x", "DATABASE_URL": "postgresql://u:pw@db/k",
+        "MY_TOOL_HOME": "/opt/tool", "MY_TOOL_CACHE": "/c", "OTHER": "1",
+        "KOUBOU_CODEX_ENV_PASS": "MY_TOOL_*, OTHER",
+    }
+    codex_env = Settings.from_env(env).codex_env
+    assert codex_env == {
+        "PATH": "/usr/bin", "HOME": "/home/ann", "LANG": "C.UTF-8", "LC_ALL": "C", "TERM": "xterm",
+        "CODEX_HOME": "/home/ann/.codex", "OLLAMA_HOST": "127.0.0.1:11434",
+        "MY_TOOL_HOME": "/opt/tool", "MY_TOOL_CACHE": "/c", "OTHER": "1",
+    }
+    assert "s" * 32 not in repr(Settings.from_env(env))
+
+
+@pytest.mark.parametrize("value", ["KOUBOU_HTTP_TOKEN", "koubou_*", "PATH,*", "A-B", "X*Y"])
+def test_the_codex_pass_list_refuses_koubous_variables_and_what_is_not_a_name(value: str) -> None:
+    with pytest.raises(ConfigError, match="KOUBOU_CODEX_ENV_PASS"):
+        Settings.from_env({"KOUBOU_CODEX_ENV_PASS": value})
