@@ -71,6 +71,8 @@ KNOBS: dict[str, Knob] = {
     ),
     "general_model": Knob("KOUBOU_GENERAL_MODEL", None, "Ollama model for `general` tasks"),
     "code_model": Knob("KOUBOU_CODE_MODEL", None, "model Codex uses for `code` tasks"),
+    "models": Knob("KOUBOU_MODELS", None, "models a task may name, comma-separated (default: the "
+                   "general and code models plus what Ollama lists)"),
     "codex_bin": Knob("KOUBOU_CODEX_BIN", None, "the Codex CLI executable (name on PATH or path)"),
     "codex_sandbox": Knob(
         "KOUBOU_CODEX_SANDBOX", None,
@@ -89,6 +91,8 @@ KNOBS: dict[str, Knob] = {
     "max_timeout_s": Knob("KOUBOU_MAX_TIMEOUT", None, "largest time limit a task may ask for, s"),
     "max_attempts": Knob("KOUBOU_MAX_ATTEMPTS", None, "runs of a task before it fails for good"),
     "max_prompt_chars": Knob("KOUBOU_MAX_PROMPT_CHARS", None, "longest accepted prompt, characters"),
+    "max_files_bytes": Knob("KOUBOU_MAX_FILES_BYTES", None, "most bytes the files of one task "
+                            "may hold in all"),
     "lease_s": Knob(
         "KOUBOU_LEASE", None, "seconds a claimed task stays reserved without a worker heartbeat"
     ),
@@ -158,6 +162,7 @@ class Settings:
     ollama_url: str = "http://127.0.0.1:11434"
     general_model: str = "gpt-oss:20b"
     code_model: str = "gpt-oss:20b"
+    models: str = ""  # empty: the general and code models plus what Ollama lists
     codex_bin: str = "codex"
     codex_sandbox: str = "read-only"
     workdir: Path = field(default_factory=Path.cwd)
@@ -167,6 +172,7 @@ class Settings:
     max_timeout_s: float = 3600.0
     max_attempts: int = 3
     max_prompt_chars: int = 200_000
+    max_files_bytes: int = 400_000
     lease_s: float = 30.0
     heartbeat_s: float = 1.0
     poll_s: float = 1.0
@@ -233,6 +239,11 @@ class Settings:
     def model_for(self, task_type: str) -> str:
         return self.code_model if task_type == "code" else self.general_model
 
+    @property
+    def model_list(self) -> tuple[str, ...]:
+        """The models of ``KOUBOU_MODELS``; empty when it is not set."""
+        return tuple(name.strip() for name in self.models.split(",") if name.strip())
+
     # -- validation ----------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ConfigError naming the first setting that is out of bounds."""
@@ -275,6 +286,10 @@ class Settings:
         need(1 <= self.max_attempts <= 100, "max_attempts", "must be an integer from 1 to 100")
         need(1 <= self.max_prompt_chars <= 10_000_000, "max_prompt_chars",
              "must be an integer from 1 to 10000000")
+        need(1 <= self.max_files_bytes <= 100_000_000, "max_files_bytes",
+             "must be an integer from 1 to 100000000")
+        need(all(name.isprintable() and len(name) <= 200 for name in self.model_list), "models",
+             "must be model names separated by commas")
         need(0 <= self.min_workers <= 256, "min_workers", "must be an integer from 0 to 256")
         need(1 <= self.max_workers <= 256, "max_workers", "must be an integer from 1 to 256")
         need(0 <= self.ollama_parallel <= 256, "ollama_parallel",

@@ -8,9 +8,9 @@ request or the child process).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 #: Result text longer than this is truncated with a note (never a crash, never an unbounded row).
 MAX_RESULT_CHARS = 1_000_000
@@ -64,6 +64,15 @@ class BackendRequest:
     timeout_s: float
     #: Run on this model instead of the backend's default.
     model: str | None = None
+    #: A system prompt (general tasks).
+    system: str | None = None
+    #: Sampling options for the model server (general tasks; checked by ``taskfields``).
+    options: Mapping[str, int | float] | None = None
+    #: A JSON Schema the answer must fit (general tasks): asked of the model server, and the
+    #: answer is checked against it.
+    output_schema: Mapping[str, Any] | None = None
+    #: The task's project directory (where Codex works); None: the backend's default.
+    workdir: str | None = None
     #: Told how the generation is going as it streams (see ``GenerationProgress``).
     on_progress: ProgressCallback | None = None
 

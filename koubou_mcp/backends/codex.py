@@ -112,7 +112,8 @@ class CodexBackend:
         self._env = dict(env)
         self._env["CODEX_OSS_BASE_URL"] = oss_base_url(ollama_url)
 
-    def command(self, codex_path: str, outfile: str, model: str | None = None) -> list[str]:
+    def command(self, codex_path: str, outfile: str, model: str | None = None,
+                workdir: str | None = None) -> list[str]:
         """The exact argv of one run (the prompt is not in it: it goes to stdin)."""
         return [
             codex_path,
@@ -129,7 +130,7 @@ class CodexBackend:
             "never",
             "--json",
             "-C",
-            self.workdir,
+            workdir or self.workdir,
             "-o",
             outfile,
             "-",
@@ -138,9 +139,11 @@ class CodexBackend:
     async def run(self, request: BackendRequest) -> str:
         """Run ``codex exec`` with the prompt on stdin; return its last message (``-o`` file)."""
         codex_path = self.resolve_binary()
-        if not os.path.isdir(self.workdir):
+        workdir = request.workdir or self.workdir
+        if not os.path.isdir(workdir):
             raise PermanentBackendError(
-                f"Codex working directory {self.workdir!r} does not exist", kind="workdir_missing"
+                f"the task's working directory {workdir!r} no longer exists (Codex runs in it)",
+                kind="workdir_missing",
             )
         events = CodexEvents(request.on_progress)
         try:
@@ -157,7 +160,7 @@ class CodexBackend:
         os.close(fd)
         try:
             returncode, stdout, stderr = await _run_process(
-                self.command(codex_path, outfile, request.model),
+                self.command(codex_path, outfile, request.model, request.workdir),
                 stdin_data=request.prompt.encode("utf-8", errors="replace"),
                 env=self._env,
                 kill_grace_s=self.kill_grace_s,

@@ -22,6 +22,7 @@ from koubou_mcp.backends.base import (
     TransientBackendError,
 )
 from koubou_mcp.backends.stream import ChatStream
+from koubou_mcp.backends.structured import Misfit, parse_structured
 
 #: A reply body larger than this is refused rather than held in memory. The result itself is
 #: bounded to ``MAX_RESULT_CHARS``; this leaves room for JSON escaping and metadata.
@@ -92,16 +93,47 @@ class OllamaBackend:
         self._client = client if client is not None else httpx.AsyncClient()
 
     async def run(self, request: BackendRequest) -> str:
-        """Stream the prompt's answer from ``/api/chat`` and return it (bounded)."""
-        url = f"{self.base_url}/api/chat"
+        """Stream the prompt's answer from ``/api/chat`` and return it (bounded).
+
+        With an output schema, the server is asked for output in that format and the answer
+        must fit it: one that does not is asked for once more, then the task fails saying why.
+        """
         model = request.model or self.model
-        payload: dict[str, Any] = {
-            "model": model,
-            "messages": [{"role": "user", "content": request.prompt}],
-            "stream": True,
-        }
-        if self.options:
-            payload["options"] = self.options
+        payload = self.payload(request)
+        first = await self._once(model, payload, request)
+        if request.output_schema is None:
+            return first
+        try:
+            parse_structured(first, request.output_schema)
+            return first
+        except Misfit as exc:
+            reason = str(exc)
+        second = await self._once(model, payload, request)
+        try:
+            parse_structured(second, request.output_schema)
+        except Misfit as exc:
+            raise PermanentBackendError(
+                f"the model's answer did not fit output_schema, twice: {exc} (first try: "
+                f"{reason}); simplify the schema, say in the prompt what each field holds, "
+                "or use a more capable model", kind="schema_mismatch") from None
+        return second
+
+    def payload(self, request: BackendRequest) -> dict[str, Any]:
+        """The ``/api/chat`` request body for ``request``."""
+        messages = [{"role": "user", "content": request.prompt}]
+        if request.system is not None:
+            messages.insert(0, {"role": "system", "content": request.system})
+        payload: dict[str, Any] = {"model": request.model or self.model, "messages": messages,
+                                   "stream": True}
+        options = {**(self.options or {}), **(request.options or {})}
+        if options:
+            payload["options"] = options
+        if request.output_schema is not None:
+            payload["format"] = dict(request.output_schema)
+        return payload
+
+    async def _once(self, model: str, payload: dict[str, Any], request: BackendRequest) -> str:
+        url = f"{self.base_url}/api/chat"
         timeout = httpx.Timeout(request.timeout_s, connect=min(self.connect_timeout_s, request.timeout_s))
         chat = ChatStream(url, request.on_progress)
         try:

@@ -41,6 +41,11 @@ Timing, as in real Ollama (see ``tests.fakes.ollama_state``):
 - A client that closes its connection (queued, loading, generating or hanging) is noticed
   within ``POLL_S`` and its slot freed at once; the request counts in ``cancelled``.
 
+A request's ``format`` (``"json"`` or a JSON Schema) is honoured: the answer is JSON of that
+shape (``tests.fakes.ollama_format``), its strings carrying the echo; ``misfit_next`` makes the
+next N such answers miss it. Each entry of ``calls`` records the request's ``options``,
+``format``, ``system`` prompt and message ``roles``, so tests can check what was sent.
+
 Other settings: ``mode`` (``ok | error500 | busy503 | hang | malformed | truncated | huge |
 missing_content``), ``huge_chars``, ``fail_next`` (the next N model requests fail),
 ``fail_next_mode`` (how, default ``error500``), ``models``. ``POST /_fake/config`` (or
@@ -74,6 +79,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
+from tests.fakes.ollama_format import formatted_reply, misfit_reply
 from tests.fakes.ollama_process import (
     FLAGS,
     REPO_ROOT,
@@ -326,6 +332,11 @@ class _Handler(BaseHTTPRequestHandler):
         if "options" in body and body["options"] is not None and not isinstance(body["options"], dict):
             self._send_error_json(400, "options must be an object", openai)
             return
+        fmt = body.get("format")
+        if fmt is not None and fmt != "json" and not isinstance(fmt, dict):
+            # Ollama: a format is "json" or a JSON Schema object
+            self._send_error_json(400, f"invalid format: {json.dumps(fmt)[:80]}", openai)
+            return
         try:
             keep_alive_s = keep_alive_seconds(body.get("keep_alive"), self.state.setting("keep_alive_s"))
         except ValueError as exc:
@@ -389,6 +400,10 @@ class _Handler(BaseHTTPRequestHandler):
         held.append(model)
         load_only = prompt == "" and path == "/api/generate"
         content = "" if load_only else f"echo: {prompt}"
+        fmt = body.get("format")
+        if fmt is not None and not load_only and not openai:
+            # constrained to the format, as Ollama's grammar-guided sampling is
+            content = misfit_reply(fmt) if self.state.take_misfit() else formatted_reply(fmt, content)
         if mode == "huge":
             size = self.state.setting("huge_chars")
             filler = " lorem ipsum dolor sit amet"

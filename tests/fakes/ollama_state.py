@@ -50,6 +50,26 @@ _DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _DURATION_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
+def system_text(body: dict[str, Any]) -> str | None:
+    """The system prompt of a request: ``/api/generate``'s ``system``, or the system messages of
+    a chat, joined (None when there is none)."""
+    if isinstance(body.get("system"), str):
+        return str(body["system"])
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    texts = [str(m.get("content", "")) for m in messages
+             if isinstance(m, dict) and m.get("role") == "system"]
+    return "\n".join(texts) if texts else None
+
+
+def roles(messages: Any) -> list[str]:
+    """The roles of a chat's messages, in order."""
+    if not isinstance(messages, list):
+        return []
+    return [str(m.get("role")) for m in messages if isinstance(m, dict)]
+
+
 def canonical_model(name: str) -> str:
     """``llama3.2`` and ``llama3.2:latest`` name the same model, as in Ollama."""
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
@@ -86,6 +106,8 @@ class FakeConfig:
     ttft_s: float = 0.0
     tokens_per_s: float = 0.0
     reply_tokens: int = 0
+    #: the next N requests with a ``format`` answer JSON that does not fit it
+    misfit_next: int = 0
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
 
     def update(self, changes: dict[str, Any]) -> None:
@@ -100,7 +122,8 @@ class FakeConfig:
                 raise ValueError(f"{name} must be a number >= 0")
         if isinstance(new.keep_alive_s, bool) or not isinstance(new.keep_alive_s, int | float):
             raise ValueError("keep_alive_s must be a number (negative: keep loaded forever)")
-        for name in ("huge_chars", "fail_next", "slots", "max_queue", "reply_tokens"):
+        for name in ("huge_chars", "fail_next", "slots", "max_queue", "reply_tokens",
+                     "misfit_next"):
             value = getattr(new, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0")
@@ -204,6 +227,9 @@ class FakeState:
             "model": model,
             "stream": body.get("stream"),
             "options": body.get("options"),
+            "format": body.get("format"),
+            "system": system_text(body),
+            "roles": roles(body.get("messages")),
         }
         with self.lock:
             self.requests += 1
@@ -211,6 +237,14 @@ class FakeState:
             self.prompts.append(prompt)
             self.calls.append(call)
         return call
+
+    def take_misfit(self) -> bool:
+        """Whether this formatted answer is to miss its format (``misfit_next``)."""
+        with self.lock:
+            if self.config.misfit_next > 0:
+                self.config.misfit_next -= 1
+                return True
+            return False
 
     def note(self, call: dict[str, Any], **values: Any) -> None:
         """Update a request's entry in ``calls`` (outcome, tokens, ...)."""

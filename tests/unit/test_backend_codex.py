@@ -493,3 +493,24 @@ async def test_probe_of_a_missing_codex_says_how_to_install_it(harness: Harness)
     assert result["found"] is False
     assert result["path"] is None
     assert "npm i -g @openai/codex" in result["error"]
+
+
+@pytest.mark.anyio
+async def test_a_task_with_its_own_workdir_runs_codex_there(harness: Harness) -> None:
+    project = harness.tmp_path / "project"
+    project.mkdir()
+    await harness.backend().run(BackendRequest("t-1", "look around", 30.0,
+                                               workdir=str(project)))
+    [record] = harness.records()
+    argv = record["argv"]
+    assert argv[argv.index("-C") + 1] == str(project)
+    assert record["cwd"] == str(project)
+
+
+@pytest.mark.anyio
+async def test_a_task_whose_workdir_is_gone_fails_before_codex_starts(harness: Harness) -> None:
+    with pytest.raises(PermanentBackendError) as caught:
+        await harness.backend().run(BackendRequest("t-1", "x", 30.0,
+                                                   workdir=str(harness.tmp_path / "gone")))
+    assert caught.value.kind == "workdir_missing" and "no longer exists" in str(caught.value)
+    assert harness.records() == []

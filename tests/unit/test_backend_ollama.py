@@ -586,3 +586,61 @@ def test_the_fake_runs_as_a_process_configured_over_http() -> None:
         child = process.process
         assert child is not None
     assert child.returncode is not None
+
+
+# -- system, options, output schema --------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"summary": {"type": "string"},
+                                           "lines": {"type": "integer", "minimum": 1}},
+          "required": ["summary", "lines"]}
+
+
+@pytest.mark.anyio
+async def test_a_system_prompt_goes_first_and_task_options_override_the_backends(
+    fake: FakeOllama,
+) -> None:
+    backend = OllamaBackend(fake.url, MODEL, options={"temperature": 0.7, "num_ctx": 4096})
+    try:
+        answer = await backend.run(BackendRequest(
+            "t-1", "hello", 10.0, system="You answer in one word.",
+            options={"temperature": 0.0, "seed": 42}))
+    finally:
+        await backend.aclose()
+    assert answer == "echo: hello"
+    [call] = fake.stats()["calls"]
+    assert call["roles"] == ["system", "user"] and call["system"] == "You answer in one word."
+    assert call["options"] == {"temperature": 0.0, "num_ctx": 4096, "seed": 42}
+    assert call["format"] is None
+
+
+@pytest.mark.anyio
+async def test_an_output_schema_is_sent_as_the_format_and_the_answer_fits_it(
+    fake: FakeOllama, backend: OllamaBackend,
+) -> None:
+    answer = await backend.run(BackendRequest("t-1", "the text", 10.0, output_schema=SCHEMA))
+    assert json.loads(answer) == {"summary": "echo: the text", "lines": 1}
+    [call] = fake.stats()["calls"]
+    assert call["format"] == SCHEMA and call["outcome"] == "done"
+
+
+@pytest.mark.anyio
+async def test_an_answer_that_misses_the_schema_is_asked_for_once_more(
+    fake: FakeOllama, backend: OllamaBackend,
+) -> None:
+    fake.configure(misfit_next=1)
+    answer = await backend.run(BackendRequest("t-1", "again", 10.0, output_schema=SCHEMA))
+    assert json.loads(answer)["summary"] == "echo: again"
+    assert [c["format"] for c in fake.stats()["calls"]] == [SCHEMA, SCHEMA]
+
+
+@pytest.mark.anyio
+async def test_two_misfits_fail_the_task_saying_where_the_answer_misses(
+    fake: FakeOllama, backend: OllamaBackend,
+) -> None:
+    fake.configure(misfit_next=2)
+    with pytest.raises(PermanentBackendError) as caught:
+        await backend.run(BackendRequest("t-1", "x", 10.0, output_schema=SCHEMA))
+    assert caught.value.kind == "schema_mismatch"
+    assert "did not fit output_schema, twice" in str(caught.value)
+    assert "is not of type 'object'" in str(caught.value)
+    assert fake.stats()["requests"] == 2

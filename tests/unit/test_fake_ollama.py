@@ -233,3 +233,42 @@ def test_the_process_takes_the_timing_settings_as_flags() -> None:
         assert reply["eval_count"] == 5
     with pytest.raises(ValueError):
         FakeOllamaProcess(models=[MODEL], slots=-1)
+
+
+def test_a_format_is_honoured_as_json_of_that_shape_and_recorded(fake: FakeOllama) -> None:
+    schema = {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 2},
+        "kind": {"enum": ["a", "b"]}, "n": {"type": "number", "minimum": 3},
+        "ok": {"type": "boolean"}}}
+    reply = httpx.post(f"{fake.url}/api/chat", json=chat("summarise", format=schema,
+                                                          stream=False), timeout=5).json()
+    assert json.loads(reply["message"]["content"]) == {
+        "tags": ["echo: su", "echo: su"], "kind": "a", "n": 3.0, "ok": True}
+    reply = httpx.post(f"{fake.url}/api/chat", json=chat("x", format="json", stream=False),
+                       timeout=5).json()
+    assert json.loads(reply["message"]["content"]) == {"echo": "echo: x"}
+    calls = fake.stats()["calls"]
+    assert [c["format"] for c in calls] == [schema, "json"]
+
+
+def test_a_format_that_is_neither_json_nor_a_schema_is_a_400(fake: FakeOllama) -> None:
+    response = httpx.post(f"{fake.url}/api/chat", json=chat("x", format=["a"]), timeout=5)
+    assert response.status_code == 400 and "invalid format" in response.json()["error"]
+
+
+def test_misfit_next_makes_that_many_formatted_answers_miss_their_format(fake: FakeOllama) -> None:
+    fake.configure(misfit_next=1)
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    answers = [json.loads(httpx.post(f"{fake.url}/api/chat", json=chat("x", format=schema,
+                                                                       stream=False),
+                                     timeout=5).json()["message"]["content"]) for _ in range(2)]
+    assert answers == [["not", "an", "object"], {"a": "echo: x"}]
+
+
+def test_system_messages_and_roles_are_recorded(fake: FakeOllama) -> None:
+    body = {"model": "gpt-oss:20b", "stream": False, "messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+    reply = httpx.post(f"{fake.url}/api/chat", json=body, timeout=5).json()
+    assert reply["message"]["content"] == "echo: hi"
+    [call] = fake.stats()["calls"]
+    assert call["system"] == "be brief" and call["roles"] == ["system", "user"]
