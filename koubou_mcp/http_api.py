@@ -116,8 +116,19 @@ class ApiError(Exception):
         return JSONResponse(self.body, status_code=self.status, headers=self.headers)
 
 
+#: What a 401 says to do: the reply's body is often all the user gets to see
+TOKEN_HOWTO = ("send the header `Authorization: Bearer <token>` with the KOUBOU_HTTP_TOKEN the "
+               "server was started with; for Claude Code: claude mcp add --transport http koubou "
+               "<url>/mcp --header \"Authorization: Bearer <token>\"")
+
+#: Where OAuth clients look for an authorization server (RFC 9728, RFC 8414, OpenID)
+OAUTH_DISCOVERY_PREFIXES = ("/.well-known/oauth-protected-resource",
+                            "/.well-known/oauth-authorization-server",
+                            "/.well-known/openid-configuration")
+
+
 def _unauthorized(message: str) -> ApiError:
-    error = ApiError(401, message)
+    error = ApiError(401, message, fix=TOKEN_HOWTO)
     error.headers["WWW-Authenticate"] = 'Bearer realm="koubou"'
     return error
 
@@ -171,6 +182,13 @@ class Guard:
             await send({"type": "websocket.close", "code": 1008})
             return
         headers = Headers(scope=scope)
+        if scope["path"].startswith(OAUTH_DISCOVERY_PREFIXES):
+            # No OAuth here. Answering these with 401 would start a client's OAuth flow, and
+            # the user would never read the 401 that says how to send the token.
+            refusal = ApiError(404, "this server does not use OAuth; it takes a bearer token",
+                               fix=TOKEN_HOWTO)
+            await refusal.response()(scope, receive, send)
+            return
         try:
             self._check_caller(headers)
             length = self._declared_length(headers)

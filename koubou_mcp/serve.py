@@ -94,14 +94,16 @@ def _arm_watchdog(delay_s: float, cleaned_up: threading.Event | None = None) -> 
 # -- Streamable HTTP ----------------------------------------------------------------------
 
 def _http_api() -> Any:
-    """The HTTP modules, or a ConfigError saying which extra to install."""
+    """The HTTP modules, or a ConfigError saying what is missing. All of it is a core
+    dependency (uvicorn and starlette come with ``mcp``): missing means a broken install."""
     try:
         import uvicorn  # noqa: F401
 
         from koubou_mcp import http_api
-    except ImportError as exc:  # prometheus_client and uvicorn are in the `http` extra
-        raise ConfigError(f"the HTTP transport needs {exc.name}, which is not installed: "
-                          "pip install 'koubou-mcp[http]'") from None
+    except ImportError as exc:
+        raise ConfigError(f"the HTTP transport needs {exc.name}, which is not installed; the "
+                          "install is incomplete: reinstall koubou-mcp (in a checkout: pip install -e .)"
+                          ) from None
     return http_api
 
 

@@ -227,6 +227,13 @@ def _with_settings(fn: Callable[..., Any], settings: Settings) -> Callable[..., 
     return tool
 
 
+def tool_description(fn: Callable[..., Any]) -> str:
+    """``fn``'s docstring as a client shows it: no source indentation, each paragraph on one
+    line (the SDK passes a docstring on as it is written)."""
+    paragraphs = inspect.cleandoc(fn.__doc__ or "").split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
 # -- translating --------------------------------------------------------------------------
 
 def service_of(ctx: Context[Any, Any]) -> Service:
@@ -432,7 +439,7 @@ def build_server(settings: Settings, *, pool: bool = True,
     server.service = service
     for name, (fn, title, annotations) in TOOLS.items():
         server.add_tool(_with_settings(fn, settings), name=name, title=title,
-                        annotations=annotations)
+                        description=tool_description(fn), annotations=annotations)
     server.resource("koubou://health", name="health", mime_type="application/json",
                     title="koubou health",
                     description="ok/degraded/down; database, pool and workers, queue depth, "
@@ -470,4 +477,5 @@ def http_app(server: KoubouServer, routes: Sequence[Route], *, max_body: int) ->
 __all__ = [
     "TOOLS", "KoubouServer", "build_server", "cancel_task", "delegate_task", "describe_schema",
     "explain_validation", "get_status", "http_app", "instructions", "list_tasks", "service_of",
+    "tool_description",
 ]

@@ -338,6 +338,16 @@ async def test_with_a_token_every_route_and_mcp_need_it(
                 reply = anonymous.request(method, path, json={"prompt": "x"})
                 assert reply.status_code == 401, (method, path, reply.text)
                 assert reply.headers["www-authenticate"].startswith("Bearer")
+            refused = anonymous.get("/tasks")
+            assert "Authorization: Bearer <token>" in refused.json()["fix"], refused.text
+            # no OAuth discovery: a client must not start an OAuth flow it cannot finish
+            for path in ("/.well-known/oauth-protected-resource",
+                         "/.well-known/oauth-protected-resource/mcp",
+                         "/.well-known/oauth-authorization-server",
+                         "/.well-known/openid-configuration"):
+                reply = anonymous.get(path)
+                assert reply.status_code == 404, (path, reply.text)
+                assert "bearer token" in reply.json()["error"], reply.text
             for header in (f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", f"Basic {TOKEN}",
                            TOKEN, "Bearer"):
                 reply = anonymous.get("/tasks", headers={"Authorization": header})

@@ -120,6 +120,10 @@ async def test_the_four_tools_are_listed_with_output_schemas_and_annotations(cli
     for tool in tools.values():
         assert tool.output_schema and tool.output_schema["type"] == "object", tool.name
         assert tool.description
+        # as a client shows it: no docstring indentation, no line broken mid-sentence
+        assert all(line == line.strip() for line in tool.description.split("\n")), tool.name
+        assert all(p for p in tool.description.split("\n\n")) and \
+            tool.description.count("\n") == 2 * tool.description.count("\n\n"), tool.name
     hints = {name: t.annotations or ToolAnnotations() for name, t in tools.items()}
     assert hints["get_status"].read_only_hint is True
     assert hints["list_tasks"].read_only_hint is True
