@@ -394,7 +394,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     supervisor = os.environ.get("KOUBOU_SUPERVISOR_PID", "").strip()
     supervisor_pid = int(supervisor) if supervisor.isdigit() else None
     # Started by a supervisor, stderr already is this worker's log file.
-    logfile = None if supervisor_pid else settings.worker_logs_dir / f"{worker_id}.log"
+    logfile = None if supervisor_pid else settings.worker_log(worker_id)
     setup_logging(settings, logfile, stderr_level=logging.INFO)
     with _opened(settings) as store:
         run_worker(settings, store, worker_id, supervisor_pid=supervisor_pid,
@@ -406,7 +406,7 @@ def cmd_pool(args: argparse.Namespace) -> int:
     settings = _settings(args)  # validate before importing anything heavy
     from koubou_mcp.pool import run_pool
 
-    setup_logging(settings, settings.logs_dir / "worker_pool.log", stderr_level=logging.INFO)
+    setup_logging(settings, settings.pool_log, stderr_level=logging.INFO)
     _warn_left_behind(settings)
     return run_pool(settings)
 
@@ -420,7 +420,6 @@ def stop_pool(settings: Settings, timeout_s: float, *, out: TextIO | None = None
     """``koubou-mcp stop``: SIGTERM the ``koubou-mcp pool`` of this home and wait for it to
     drain. After ``timeout_s`` it is asked again (which forces). Exit code 0 once it is gone;
     1 when no pool runs, the pid is not a koubou-mcp pool, or it would not stop."""
-    from koubou_mcp.pool import POOL_LOG
     from koubou_mcp.supervisor import Tuning
 
     out = out or sys.stdout
@@ -463,7 +462,7 @@ def stop_pool(settings: Settings, timeout_s: float, *, out: TextIO | None = None
         print("pool stopped (forced)", file=out)
         return EXIT_OK
     print(f"koubou-mcp: the pool (pid {holder.pid}) is still running; see "
-          f"{settings.logs_dir / POOL_LOG}", file=err)
+          f"{settings.pool_log}", file=err)
     return EXIT_FAILED
 
 
@@ -475,11 +474,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # terminal of whoever started the server: say where it listens.
     quiet = logging.WARNING if settings.transport == "stdio" else logging.INFO
     try:
-        setup_logging(settings, settings.logs_dir / "mcp_server.log", stderr_level=quiet)
+        setup_logging(settings, settings.server_log, stderr_level=quiet)
     except OSError as exc:  # serve anyway: health and tool errors say what is wrong
         setup_logging(settings, None, stderr_level=logging.INFO)
         log.warning("cannot write %s (%s); logging to stderr only",
-                    settings.logs_dir / "mcp_server.log", exc.strerror or exc)
+                    settings.server_log, exc.strerror or exc)
     _warn_left_behind(settings)
     if settings.transport == "stdio" and sys.stdin.isatty():
         print(terminal_hint(own_command()), file=sys.stderr, flush=True)
@@ -557,8 +556,8 @@ def cmd_load_test(args: argparse.Namespace) -> int:
         if store is not None:
             store.close()
     _print_json(result.as_dict()) if args.json else print(loadtest.summary(result))
-    return EXIT_OK if result.finished and result.statuses.get("completed") == result.submitted \
-        else EXIT_FAILED
+    completed = result.statuses.get(TaskStatus.COMPLETED.value)
+    return EXIT_OK if result.finished and completed == result.submitted else EXIT_FAILED
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

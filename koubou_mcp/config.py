@@ -214,7 +214,21 @@ class Settings:
 
     @property
     def worker_logs_dir(self) -> Path:
-        return self.home / "logs" / "workers"
+        return self.logs_dir / "workers"
+
+    def worker_log(self, worker_id: str) -> Path:
+        """A worker's log: its stderr when a supervisor started it, else its log file."""
+        return self.worker_logs_dir / f"{worker_id}.log"
+
+    @property
+    def pool_log(self) -> Path:
+        """The supervisor's lines and statistics (``koubou-mcp pool`` or a hosted pool)."""
+        return self.logs_dir / "worker_pool.log"
+
+    @property
+    def server_log(self) -> Path:
+        """The MCP server's log (its stderr goes to the client)."""
+        return self.logs_dir / "mcp_server.log"
 
     @property
     def run_dir(self) -> Path:
@@ -225,19 +239,12 @@ class Settings:
         return self.run_dir / "children" / worker_id
 
     @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
-    @property
     def codex_env_patterns(self) -> tuple[str, ...]:
         """The names and ``NAME_*`` patterns of ``codex_env_pass``."""
         return tuple(p for p in (part.strip() for part in self.codex_env_pass.split(",")) if p)
 
     def timeout_for(self, task_type: str) -> float:
         return self.code_timeout_s if task_type == "code" else self.general_timeout_s
-
-    def model_for(self, task_type: str) -> str:
-        return self.code_model if task_type == "code" else self.general_model
 
     @property
     def model_list(self) -> tuple[str, ...]:

@@ -35,7 +35,7 @@ from koubou_mcp.config import Settings
 from koubou_mcp.home import UnsafeHome, left_behind
 from koubou_mcp.home import check_home as check_home_is_private
 from koubou_mcp.leader import lock_is_held, read_holder
-from koubou_mcp.models import TaskStatus, WorkerStatus, utcnow
+from koubou_mcp.models import TaskStatus, TaskType, WorkerStatus, utcnow
 from koubou_mcp.store import Store, StoreError, open_store
 
 #: How long a health read waits for Ollama before calling it unreachable, s
@@ -262,13 +262,13 @@ def check_supervisor(settings: Settings, supervisor: Mapping[str, Any] | None,
     its ``health()``), another process holding the pool lock, or nobody."""
     if pool_error:
         return Check("supervisor", False, "the pool could not start", reason=pool_error,
-                     fix=f"see {settings.logs_dir / 'mcp_server.log'}")
+                     fix=f"see {settings.server_log}")
     if supervisor is not None:
         data = dict(supervisor)
         if not supervisor.get("running", True):
             return Check("supervisor", False, "the pool supervisor stopped",
                          reason=supervisor.get("last_error") or "its thread ended",
-                         fix=f"see {settings.logs_dir / 'worker_pool.log'}; restart the server",
+                         fix=f"see {settings.pool_log}; restart the server",
                          data=data)
         crash = supervisor.get("crash_loop") or {}
         if crash.get("active"):
@@ -399,10 +399,10 @@ async def collect_health(
         # each model server's slots: in use, the limit (learned or pinned), first-token time
         "model_servers": model_servers,
         "backends": {
-            "ollama": {**ollama.as_dict(), "serves": "general" if general_ok else None},
-            "codex": {**codex.as_dict(), "serves": "code" if code_ok else None},
+            "ollama": {**ollama.as_dict(), "serves": TaskType.GENERAL.value if general_ok else None},
+            "codex": {**codex.as_dict(), "serves": TaskType.CODE.value if code_ok else None},
         },
-        "task_types": {"general": general_ok, "code": code_ok},
+        "task_types": {TaskType.GENERAL.value: general_ok, TaskType.CODE.value: code_ok},
         # an old ./.koubou with unfinished tasks: not this home's problem, but worth a word
         "left_behind": old_home.as_dict() if old_home is not None else None,
     }

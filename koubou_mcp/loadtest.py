@@ -18,16 +18,16 @@ import httpx
 
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
-from koubou_mcp.models import FINAL_STATUSES, utcnow
+from koubou_mcp.models import FINAL_STATUSES, TaskStatus, TaskType, utcnow
 from koubou_mcp.service import read_task
 from koubou_mcp.store import Store
 
 PROMPTS = {
-    "general": ["Summarise the benefits of write-ahead logging in two sentences.",
-                "List three uses of a priority queue.",
-                "Explain exponential backoff to a new engineer."],
-    "code": ["Write a Python function that reverses a linked list.",
-             "Write a shell-free Python snippet that counts lines in a file."],
+    TaskType.GENERAL.value: ["Summarise the benefits of write-ahead logging in two sentences.",
+                             "List three uses of a priority queue.",
+                             "Explain exponential backoff to a new engineer."],
+    TaskType.CODE.value: ["Write a Python function that reverses a linked list.",
+                          "Write a shell-free Python snippet that counts lines in a file."],
 }
 
 
@@ -134,7 +134,7 @@ def run_load(target: Target, count: int, *, code_share: float = 0.3, seed: int |
     start = clock()
     ids = []
     for i in range(count):
-        task_type = "code" if rng.random() < code_share else "general"
+        task_type = TaskType.CODE.value if rng.random() < code_share else TaskType.GENERAL.value
         prompt = f"[load {i}] {rng.choice(PROMPTS[task_type])}"
         ids.append(target.submit(prompt, task_type, rng.randint(1, 10)))
     result.submitted = len(ids)
@@ -191,7 +191,7 @@ def summary(result: LoadResult) -> str:
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f}"
 
-    failures = sum(n for s, n in result.statuses.items() if s != "completed")
+    failures = sum(n for s, n in result.statuses.items() if s != TaskStatus.COMPLETED.value)
     rows = [
         ("tasks submitted", str(result.submitted)),
         ("by status", ", ".join(f"{k}: {v}" for k, v in sorted(result.statuses.items()))),

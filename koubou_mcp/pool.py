@@ -30,8 +30,6 @@ from koubou_mcp.store import Store, open_store
 from koubou_mcp.supervisor import LOGGER_NAME, Supervisor, Tuning
 from koubou_mcp.wakeup import Listener, SelfPipe
 
-POOL_LOG = "worker_pool.log"
-
 log = logging.getLogger(LOGGER_NAME)
 
 Clock = Callable[[], datetime]
@@ -57,7 +55,7 @@ class PoolLog:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.path = (settings.logs_dir / POOL_LOG).absolute()
+        self.path = settings.pool_log.absolute()
         self._handler: logging.Handler | None = None
 
     def attach(self) -> None:
@@ -354,5 +352,5 @@ def start_in_thread(
     return PoolHandle(runner, thread)
 
 
-__all__ = ["POOL_LOG", "PoolHandle", "PoolLog", "PoolRunner", "drain", "run_pool",
+__all__ = ["PoolHandle", "PoolLog", "PoolRunner", "drain", "run_pool",
            "start_in_thread"]

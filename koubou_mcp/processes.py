@@ -187,7 +187,7 @@ class ProcessLauncher:
         return env
 
     def log_path(self, worker_id: str) -> Path:
-        return self.settings.worker_logs_dir / f"{worker_id}.log"
+        return self.settings.worker_log(worker_id)
 
     def __call__(self, worker_id: str) -> PopenWorker:
         fd = open_private(self.log_path(worker_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND)

@@ -32,6 +32,7 @@ from pydantic_core import PydanticCustomError
 
 from koubou_mcp import __version__, queue
 from koubou_mcp.config import PRIORITY_MAX, PRIORITY_MIN, Settings
+from koubou_mcp.models import TaskStatus
 from koubou_mcp.service import (
     MAX_LIST_LIMIT,
     MAX_SYNC_WAIT_S,
@@ -265,9 +266,9 @@ def _headline(record: TaskRecord | DelegateResult) -> str:
 def _render(record: TaskRecord | DelegateResult, step: str | None = None) -> str:
     """The text the model reads: a headline, the error and next step, the result verbatim."""
     lines = [_headline(record)]
-    if record.error and record.status != "completed":
+    if record.error and record.status != TaskStatus.COMPLETED:
         lines.append(f"error: {record.error}")
-    if step and record.status != "completed":
+    if step and record.status != TaskStatus.COMPLETED:
         lines.append(step)
     text = "\n".join(lines)
     if record.result is not None:
@@ -283,12 +284,12 @@ def _result(model: BaseModel, text: str) -> CallToolResult:
 
 
 def _progress_message(task: queue.Progress, elapsed: float, wait_s: float) -> str:
-    if task.status == "in_progress" and task.tokens:
+    if task.status == TaskStatus.IN_PROGRESS and task.tokens:
         # what Claude Code shows the user: the model is visibly working
         return (f"{task.task_id} generating on {task.worker_id}: {task.tokens} tokens, "
                 f"{elapsed:.0f} s (waiting up to {wait_s:g} s)")
-    where = f" on {task.worker_id}" if task.worker_id and task.status != "pending" else ""
-    why = " (waiting for a model slot)" if task.status == "pending" and \
+    where = f" on {task.worker_id}" if task.worker_id and task.status != TaskStatus.PENDING else ""
+    why = " (waiting for a model slot)" if task.status == TaskStatus.PENDING and \
         task.error_kind == "busy" else ""
     return (f"{task.task_id} {task.status}{where}{why}, {elapsed:.0f} s elapsed "
             f"(waiting up to {wait_s:g} s)")
@@ -363,7 +364,7 @@ async def cancel_task(task_id: TaskId,
     a second). Completed and failed tasks cannot be cancelled."""
     with _tool_errors():
         record = await service_of(ctx).cancel(task_id)
-    note = ("cancelled" if record.status == "cancelled" else
+    note = ("cancelled" if record.status == TaskStatus.CANCELLED else
             "cancel requested: its worker stops it within about a second")
     return _result(record, f"{_headline(record)}\n{note}")
 

@@ -260,7 +260,7 @@ class Supervisor:
                          "" if n == 1 else "s", self.backoff.delay_s)
 
     def _worker_log(self, worker_id: str) -> str:
-        return str(self.settings.worker_logs_dir / f"{worker_id}.log")
+        return str(self.settings.worker_log(worker_id))
 
     # -- deadlines and recovery --------------------------------------------------------------
     def _enforce_deadlines(self, now: datetime) -> None:

@@ -33,7 +33,7 @@ from koubou_mcp.backends.base import Backend, BackendError, BackendRequest, Gene
 from koubou_mcp.backends.codex import CodexBackend
 from koubou_mcp.backends.ollama import OllamaBackend
 from koubou_mcp.config import Settings
-from koubou_mcp.models import TaskSnapshot, WorkerStatus, utcnow
+from koubou_mcp.models import TaskSnapshot, TaskType, WorkerStatus, utcnow
 from koubou_mcp.processes import become_subreaper
 from koubou_mcp.store import Store
 
@@ -47,8 +47,8 @@ R = TypeVar("R")
 def build_backends(settings: Settings, worker_id: str) -> dict[str, Backend]:
     """One backend per task type, as configured."""
     return {
-        "general": OllamaBackend(settings.ollama_url, settings.general_model),
-        "code": CodexBackend(
+        TaskType.GENERAL.value: OllamaBackend(settings.ollama_url, settings.general_model),
+        TaskType.CODE.value: CodexBackend(
             settings.codex_bin, settings.code_model, settings.ollama_url,
             settings.codex_sandbox, str(settings.workdir), env=settings.codex_env,
             groups_dir=str(settings.child_groups_dir(worker_id)),

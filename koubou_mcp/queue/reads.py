@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from koubou_mcp.models import TaskSnapshot, TaskStatus, WorkerSnapshot
 from koubou_mcp.queue.errors import TaskNotFound
 from koubou_mcp.queue.records import task_snapshot, worker_record
-from koubou_mcp.queue.statements import FINAL, T, ready_at
+from koubou_mcp.queue.statements import FINAL, READY_COUNT, T
 from koubou_mcp.queue.workers import list_workers
 from koubou_mcp.store import Store
 
@@ -70,10 +70,7 @@ def counts_by_status(store: Store) -> dict[str, int]:
 def ready_pending_count(store: Store, now: datetime) -> int:
     """Pending tasks that a worker could claim right now (not waiting out a backoff)."""
     with store.read() as conn:
-        return int(conn.execute(
-            select(func.count()).select_from(T)
-            .where(T.c.status == TaskStatus.PENDING.value, ready_at(now))
-        ).scalar_one())
+        return int(conn.execute(READY_COUNT, {"p_now": now}).scalar_one())
 
 
 def pending_by_priority(store: Store) -> dict[int, int]:

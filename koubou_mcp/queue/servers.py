@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, select, update
 
 from koubou_mcp.admission import Capacity, Observation, next_capacity
 from koubou_mcp.queue.records import capacity_of, capacity_values
-from koubou_mcp.queue.statements import IN_FLIGHT, READY, SERVER_INSERT_PG, M, T
+from koubou_mcp.queue.statements import IN_FLIGHT, READY_COUNT, SERVER_INSERT_PG, M
 from koubou_mcp.store import Store
 
 
@@ -92,8 +92,7 @@ def model_servers(store: Store, now: datetime) -> list[ServerUse]:
     """Every model server the pool has used, with its slots in use."""
     with store.read() as conn:
         rows = conn.execute(select(M).order_by(M.c.url)).all()
-        ready = int(conn.execute(
-            select(func.count()).select_from(T).where(READY), {"p_now": now}).scalar_one())
+        ready = int(conn.execute(READY_COUNT, {"p_now": now}).scalar_one())
         return [ServerUse(capacity_of(r), int(conn.execute(
             IN_FLIGHT, {"p_url": r.url, "p_now": now}).scalar_one()), ready) for r in rows]
 

@@ -10,7 +10,6 @@ their one user, from the tables and conditions named here.
 from __future__ import annotations
 
 import functools
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -27,7 +26,6 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.sql.elements import ColumnElement
 
 from koubou_mcp.models import FINAL_STATUSES, ModelServer, Task, TaskStatus, Worker, WorkerStatus
 
@@ -48,11 +46,7 @@ URL = bindparam("p_url", type_=String())
 READY = and_(T.c.status == TaskStatus.PENDING.value,
              or_(T.c.not_before.is_(None), T.c.not_before <= NOW))
 ANY_READY = select(T.c.task_id).where(READY).limit(1)
-
-
-def ready_at(now: datetime) -> ColumnElement[bool]:
-    """Not waiting out a retry backoff at ``now`` (with the value inlined, for ad-hoc reads)."""
-    return or_(T.c.not_before.is_(None), T.c.not_before <= now)
+READY_COUNT = select(func.count()).select_from(T).where(READY)
 
 
 # -- enqueue ------------------------------------------------------------------------------

@@ -38,6 +38,13 @@ def test_the_default_home_is_per_user_under_xdg_state_home_not_the_start_directo
     assert Settings.from_env(env, home="proj/.koubou").home == tmp_path / "proj" / ".koubou"
 
 
+def test_the_log_files_live_under_the_home_s_logs_directory(tmp_path: Path) -> None:
+    s = Settings.from_env({}, home=str(tmp_path))
+    assert s.server_log == tmp_path / "logs" / "mcp_server.log"
+    assert s.pool_log == tmp_path / "logs" / "worker_pool.log"
+    assert s.worker_log("worker_1") == tmp_path / "logs" / "workers" / "worker_1.log"
+
+
 def test_env_vars_set_every_knob(tmp_path: Path) -> None:
     s = Settings.from_env({
         "KOUBOU_HOME": str(tmp_path / "h"), "KOUBOU_MAX_WORKERS": "9", "KOUBOU_MIN_WORKERS": "2",
