@@ -44,7 +44,7 @@ import anyio.to_thread
 from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from koubou_mcp.config import MIN_HTTP_TOKEN_CHARS, ConfigError, Settings
@@ -153,7 +153,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors (unknown path, wrong method) as JSON like ours."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        message = (f"no route {request.url.path}; the API has /health, /task/delegate, "
+        message = (f"no route {request.url.path}; the API has / (a status page), /health, /task/delegate, "
                    "/task/<id>/status, /task/<id>/cancel, /tasks, /workers, /metrics and /mcp")
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
@@ -310,6 +310,7 @@ class RestApi:
 
     def endpoints(self) -> list[Endpoint]:
         routes = [
+            ("/", ["GET"], self.status_page),
             ("/health", ["GET"], self.health),
             ("/task/delegate", ["POST"], self.delegate),
             ("/task/{task_id}/status", ["GET"], self.status),
@@ -321,6 +322,21 @@ class RestApi:
         return [Endpoint(path, methods, _json_errors(fn)) for path, methods, fn in routes]
 
     # -- routes --------------------------------------------------------------------------
+    async def status_page(self, request: Request) -> Response:
+        """What ``koubou-mcp top`` shows, as a page that reloads itself."""
+        _query(request, ())
+        from koubou_mcp import status_page  # rich only loads for whoever opens the page
+
+        try:
+            store = self.service.require_store()
+        except ServiceError as exc:
+            page, ok = status_page.render_page(None, self.service.settings, str(exc)), False
+        else:
+            page, ok = await anyio.to_thread.run_sync(status_page.current_page, store,
+                                                      self.service.settings)
+        return HTMLResponse(page, status_code=200 if ok else 503,
+                            headers={"Cache-Control": "no-store"})
+
     async def health(self, request: Request) -> Response:
         _query(request, ())
         document = await self.service.health()

@@ -156,11 +156,13 @@ def finished_section(title: str, tasks: list[TaskSnapshot], now: datetime, *,
     return table
 
 
-def render(view: View | None, settings: Settings, error: str | None = None) -> RenderableType:
-    """The whole frame. ``error`` (the store could not be read) shows above the last view."""
+def render(view: View | None, settings: Settings, error: str | None = None, *,
+           hint: str = "(q or Ctrl-C to quit)") -> RenderableType:
+    """The whole frame. ``error`` (the store could not be read) shows above the last view;
+    ``hint`` says how to leave (or, on the status page, how often it refreshes)."""
     when = view.read_at.strftime("%H:%M:%S UTC") if view else NO_DATA
     header = Text.assemble((f"koubou-mcp {__version__} top", "bold"),
-                           f"  {settings.home}  {when}  (q or Ctrl-C to quit)")
+                           f"  {settings.home}  {when}  {hint}")
     parts: list[RenderableType] = [header]
     if error:
         parts.append(Text(f"cannot read the store: {error}", style="bold red"))
