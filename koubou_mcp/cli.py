@@ -27,15 +27,15 @@ from koubou_mcp.config import (
     KNOBS,
     PRIORITY_MAX,
     PRIORITY_MIN,
-    TASK_TYPES,
     TRANSPORTS,
     ConfigError,
     Settings,
 )
 from koubou_mcp.home import check_home, left_behind, private_log_handler
 from koubou_mcp.leader import LOCK_FILE, PID_FILE, lock_is_held, read_holder
-from koubou_mcp.models import FINAL_STATUSES, TaskStatus, utcnow
+from koubou_mcp.models import FINAL_STATUSES, TaskStatus, TaskType, utcnow
 from koubou_mcp.processes import process_cmdline, wait_gone
+from koubou_mcp.request import TASK_TYPES
 from koubou_mcp.store import Store, StoreError, open_store
 
 log = logging.getLogger("koubou_mcp")
@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="add a task to the queue")
     _add_store_flags(p)
     p.add_argument("prompt", help="the prompt, or - to read it from stdin")
-    p.add_argument("--type", choices=TASK_TYPES, default="general", help="default general")
+    p.add_argument("--type", choices=TASK_TYPES, default=TaskType.GENERAL.value,
+                   help="default general")
     p.add_argument("--priority", type=int, default=5,
                    help=f"{PRIORITY_MIN} (lowest) to {PRIORITY_MAX} (highest); default 5")
     p.add_argument("--timeout", type=_seconds, help="time limit of the task in seconds; default "

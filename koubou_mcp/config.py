@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-TASK_TYPES = ("general", "code")
 SANDBOX_MODES = ("read-only", "workspace-write", "danger-full-access")
 TRANSPORTS = ("stdio", "streamable-http")
 #: The shortest bearer token accepted for the HTTP transport, characters
@@ -242,9 +241,6 @@ class Settings:
     def codex_env_patterns(self) -> tuple[str, ...]:
         """The names and ``NAME_*`` patterns of ``codex_env_pass``."""
         return tuple(p for p in (part.strip() for part in self.codex_env_pass.split(",")) if p)
-
-    def timeout_for(self, task_type: str) -> float:
-        return self.code_timeout_s if task_type == "code" else self.general_timeout_s
 
     @property
     def model_list(self) -> tuple[str, ...]:

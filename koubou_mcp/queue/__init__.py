@@ -10,18 +10,19 @@ expiry are tested by handing it a fake time. Guarantees:
 * Transient failures are retried with exponential backoff and jitter up to the task's
   ``max_attempts``; permanent ones and timeouts fail at once.
 
-The modules: ``statements`` (the SQL), ``submit`` (checking and storing a new task),
+The modules: ``statements`` (the SQL), ``submit`` (storing a new task),
 ``claim`` (a task with a model-server slot), ``lifecycle`` (heartbeat, complete, fail, cancel,
 release, recovery), ``workers`` (the workers' rows), ``servers`` (model-server slots),
 ``reads`` (everything that only reads), ``records`` and ``errors``. Callers use the names
-re-exported here: ``from koubou_mcp import queue; queue.enqueue(...)``.
+re-exported here: ``from koubou_mcp import queue; queue.enqueue(...)``. Checking a new
+task's fields is ``koubou_mcp.request``'s job (re-exported here too).
 """
 
 from __future__ import annotations
 
 from koubou_mcp.models import TaskSnapshot, Worker, WorkerSnapshot
 from koubou_mcp.queue.claim import Admitted, admit_next, claim_next
-from koubou_mcp.queue.errors import InvalidTask, TaskNotFound, TaskStateError
+from koubou_mcp.queue.errors import TaskNotFound, TaskStateError
 from koubou_mcp.queue.lifecycle import (
     Beat,
     Generated,
@@ -57,19 +58,11 @@ from koubou_mcp.queue.records import worker_record
 from koubou_mcp.queue.servers import (
     ServerUse,
     configure_model_server,
-    lock_server,
     model_server,
     model_servers,
     observe_model_server,
 )
-from koubou_mcp.queue.submit import (
-    MAX_IDEMPOTENCY_KEY,
-    Enqueued,
-    TaskRequest,
-    enqueue,
-    new_task_id,
-    validate_request,
-)
+from koubou_mcp.queue.submit import Enqueued, enqueue, new_task_id
 from koubou_mcp.queue.workers import (
     get_worker,
     list_workers,
@@ -79,6 +72,7 @@ from koubou_mcp.queue.workers import (
     register_worker,
     set_worker_status,
 )
+from koubou_mcp.request import MAX_IDEMPOTENCY_KEY, InvalidTask, TaskRequest, validate_request
 from koubou_mcp.store import Store
 
 __all__ = [
@@ -116,7 +110,6 @@ __all__ = [
     "heartbeat",
     "list_tasks",
     "list_workers",
-    "lock_server",
     "mark_cancelled",
     "mark_silent_workers_offline",
     "mark_worker_offline",

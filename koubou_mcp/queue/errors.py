@@ -1,10 +1,7 @@
-"""The errors the queue's operations raise for bad input or a task in the wrong state."""
+"""The errors the queue's operations raise: no such task, or a task in the wrong state (bad
+input is ``koubou_mcp.request.InvalidTask``)."""
 
 from __future__ import annotations
-
-
-class InvalidTask(ValueError):
-    """Input a task cannot be made from. The message says what is wrong and what is accepted."""
 
 
 class TaskNotFound(LookupError):

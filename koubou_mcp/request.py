@@ -1,0 +1,106 @@
+"""A request for a new task: its fields, and the one check that turns raw input (MCP
+arguments, a REST body, CLI flags) into a :class:`TaskRequest` or an :class:`InvalidTask`
+naming the first bad field. The queue stores only requests that passed through here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from koubou_mcp.config import PRIORITY_MAX, PRIORITY_MIN, Settings
+from koubou_mcp.models import TaskType
+
+MAX_IDEMPOTENCY_KEY = 200
+#: the task types, as stored and as the tools, the REST API and the CLI accept them
+TASK_TYPES = tuple(t.value for t in TaskType)
+
+
+class InvalidTask(ValueError):
+    """Input a task cannot be made from. The message says what is wrong and what is accepted."""
+
+
+def default_timeout_s(settings: Settings, task_type: str) -> float:
+    """The time limit of a task of ``task_type`` that names none."""
+    return settings.code_timeout_s if task_type == TaskType.CODE else settings.general_timeout_s
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """A validated request for a new task."""
+
+    prompt: str
+    type: str
+    priority: int
+    timeout_s: float
+    idempotency_key: str | None
+
+
+def validate_request(
+    settings: Settings,
+    prompt: Any,
+    type: Any = "general",
+    priority: Any = 5,
+    timeout_s: Any = None,
+    idempotency_key: Any = None,
+) -> TaskRequest:
+    """Check every field of a new task; raise InvalidTask naming the first bad one."""
+    if not isinstance(prompt, str):
+        raise InvalidTask(f"prompt must be a string, got {_type_name(prompt)}")
+    if not prompt.strip():
+        raise InvalidTask("prompt must not be empty or only whitespace")
+    if len(prompt) > settings.max_prompt_chars:
+        raise InvalidTask(
+            f"prompt is {len(prompt)} characters; the limit is {settings.max_prompt_chars} "
+            "(KOUBOU_MAX_PROMPT_CHARS). Split the work or send a file path instead."
+        )
+    if "\x00" in prompt:
+        raise InvalidTask("prompt contains a NUL character (\\x00); remove it")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidTask("prompt is not valid Unicode text (lone surrogate characters)") from None
+    if not isinstance(type, str) or type not in TASK_TYPES:
+        raise InvalidTask(f"type must be one of {', '.join(TASK_TYPES)}, got {type!r}")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        if isinstance(priority, float) and priority.is_integer():
+            priority = int(priority)
+        else:
+            raise InvalidTask(
+                f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {priority!r}"
+            )
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise InvalidTask(
+            f"priority must be from {PRIORITY_MIN} (lowest) to {PRIORITY_MAX} (highest), got {priority}"
+        )
+    if timeout_s is None:
+        timeout = default_timeout_s(settings, type)
+    else:
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
+            raise InvalidTask(f"timeout_s must be a number of seconds, got {_type_name(timeout_s)}")
+        timeout = float(timeout_s)
+        if not math.isfinite(timeout) or timeout <= 0 or timeout > settings.max_timeout_s:
+            raise InvalidTask(
+                f"timeout_s must be more than 0 and at most {settings.max_timeout_s:g} "
+                f"(KOUBOU_MAX_TIMEOUT), got {timeout_s!r}"
+            )
+    key = idempotency_key
+    if key is not None:
+        if not isinstance(key, str) or not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidTask(
+                f"idempotency_key must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY} "
+                f"characters, got {_short(key)}"
+            )
+        if "\x00" in key or not key.isprintable():
+            raise InvalidTask("idempotency_key must be printable text")
+    return TaskRequest(prompt, type, priority, timeout, key)
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _short(value: Any) -> str:
+    text_ = repr(value)
+    return text_ if len(text_) <= 60 else text_[:57] + "..."
