@@ -7,14 +7,16 @@ which SQLite's date functions read, so ``last_heartbeat > datetime('now', '-1 mi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import Column, DateTime, Index, Text
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def utcnow() -> datetime:
@@ -92,6 +94,20 @@ class Task(SQLModel, table=True):
     first_token_s: float | None = Field(default=None)
     #: when ``partial_result``/``tokens`` were last saved
     progress_at: datetime | None = Field(default=None, sa_type=DateTime)
+    # -- since schema v4: what the delegating agent handed the task beyond its prompt
+    #: the task's project directory (absolute, links resolved); Codex works in it and
+    #: ``files`` are relative to it
+    workdir: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    #: the paths the worker reads when the task runs, as a JSON list (not their contents)
+    files: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    #: the model to run on instead of the type's default
+    model: str | None = Field(default=None, max_length=200)
+    #: a system prompt (general tasks)
+    system_prompt: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    #: sampling options (general tasks), a JSON object
+    model_options: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    #: the JSON Schema the answer must fit (general tasks)
+    output_schema: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
 # The claim takes pending tasks by priority (highest first), then age: an index in exactly that
@@ -185,6 +201,25 @@ class TaskSnapshot:
     tokens: int | None = None
     first_token_s: float | None = None
     progress_at: datetime | None = None
+    workdir: str | None = None
+    files: str | None = None
+    model: str | None = None
+    system_prompt: str | None = None
+    model_options: str | None = None
+    output_schema: str | None = None
+
+    @property
+    def file_list(self) -> list[str]:
+        """The paths of ``files``."""
+        return list(json.loads(self.files)) if self.files else []
+
+    @property
+    def options(self) -> dict[str, Any] | None:
+        return dict(json.loads(self.model_options)) if self.model_options else None
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        return dict(json.loads(self.output_schema)) if self.output_schema else None
 
 
 @dataclass(frozen=True, slots=True)

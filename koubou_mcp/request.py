@@ -5,7 +5,9 @@ naming the first bad field. The queue stores only requests that passed through h
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,13 +30,39 @@ def default_timeout_s(settings: Settings, task_type: str) -> float:
 
 @dataclass(frozen=True)
 class TaskRequest:
-    """A validated request for a new task."""
+    """A validated request for a new task (the fields after ``idempotency_key`` are checked by
+    the service with ``taskfiles`` and ``taskfields``: they need the file system and the
+    models Ollama lists)."""
 
     prompt: str
     type: str
     priority: int
     timeout_s: float
     idempotency_key: str | None
+    #: the task's project directory, absolute, links resolved
+    workdir: str | None = None
+    #: paths of files the worker reads when the task runs, relative to ``workdir`` or inside it
+    files: tuple[str, ...] = ()
+    model: str | None = None
+    system: str | None = None
+    options: Mapping[str, int | float] | None = None
+    output_schema: Mapping[str, Any] | None = None
+
+    def columns(self) -> dict[str, Any]:
+        """The request's fields as the task's columns store them."""
+        return {
+            "type": self.type, "prompt": self.prompt, "priority": self.priority,
+            "timeout_s": self.timeout_s, "idempotency_key": self.idempotency_key,
+            "workdir": self.workdir, "files": _json(list(self.files)) if self.files else None,
+            "model": self.model, "system_prompt": self.system,
+            "model_options": _json(dict(self.options)) if self.options else None,
+            "output_schema": _json(dict(self.output_schema))
+            if self.output_schema is not None else None,
+        }
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def validate_request(

@@ -13,11 +13,12 @@ process runs the task.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -26,9 +27,11 @@ import anyio.to_thread
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 
-from koubou_mcp import health, queue
+from koubou_mcp import health, queue, taskfields, taskfiles
+from koubou_mcp.backends import structured
 from koubou_mcp.config import Settings
 from koubou_mcp.models import FINAL_STATUSES, TaskSnapshot, TaskStatus, WorkerStatus, utcnow
+from koubou_mcp.modelset import ModelSet
 from koubou_mcp.store import Store, StoreError, open_store
 
 log = logging.getLogger("koubou_mcp.service")
@@ -65,11 +68,14 @@ class StoreUnavailable(ServiceError):
 
 
 class InvalidRequest(ServiceError):
-    """A field of a request is bad; ``field`` names it when one field is to blame."""
+    """A field of a request is bad; ``field`` names it when one field is to blame, ``index``
+    the task of a batch that is."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None,
+                 index: int | None = None) -> None:
         super().__init__(message)
         self.field = field
+        self.index = index
 
 
 class TaskNotFound(ServiceError):
@@ -135,6 +141,18 @@ class TaskRecord(BaseModel):
     first_token_s: float | None = Field(
         default=None, description="seconds from sending the request to the first token")
     model_server: str | None = Field(default=None, description="the model server it ran on")
+    workdir: str | None = Field(default=None, description="the task's project directory: "
+                                "Codex works there and files are read from there")
+    files: list[str] = Field(default_factory=list, description="the files the model is given "
+                             "(read when the task runs)")
+    model: str | None = Field(default=None, description="the model the task named (none: "
+                              "its type's default)")
+    system: str | None = Field(default=None, description="the task's system prompt")
+    options: dict[str, Any] | None = Field(default=None, description="the task's model options")
+    output_schema: dict[str, Any] | None = Field(
+        default=None, description="the JSON Schema the answer must fit")
+    result_json: Any = Field(default=None, description="with output_schema: the result, "
+                                                       "parsed (it fits the schema)")
     prompt: str | None = None
 
     @classmethod
@@ -152,7 +170,9 @@ class TaskRecord(BaseModel):
             started_at=_iso(task.started_at), finished_at=_iso(task.finished_at),
             duration_s=duration, phase=phase_of(task), partial_result=task.partial_result,
             tokens=task.tokens, first_token_s=task.first_token_s, model_server=task.model_url,
-            prompt=task.prompt if include_prompt else None,
+            workdir=task.workdir, files=task.file_list, model=task.model,
+            system=task.system_prompt, options=task.options, output_schema=task.schema,
+            result_json=_parsed(task), prompt=task.prompt if include_prompt else None,
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -162,6 +182,15 @@ class TaskRecord(BaseModel):
     @property
     def ended(self) -> bool:
         return self.status in FINAL_STATUSES
+
+
+def _parsed(task: TaskSnapshot) -> Any:
+    """The JSON value of a completed task's result when it was asked for (``output_schema``;
+    the worker only completes a task whose answer fits)."""
+    if task.output_schema is None or task.result is None or \
+            task.status != TaskStatus.COMPLETED.value:
+        return None
+    return structured.loads(task.result)
 
 
 def next_step(record: TaskRecord) -> str:
@@ -194,6 +223,10 @@ class DelegateResult(BaseModel):
     duration_s: float | None = Field(description="run time of the finished task, s")
     waited_s: float | None = Field(description="how long this call waited (sync only), s")
     next_step: str = Field(description="what to do next")
+    workdir: str | None = Field(default=None, description="the task's project directory")
+    model: str | None = Field(default=None, description="the model it named, if any")
+    result_json: Any = Field(default=None, description="with output_schema: the result, "
+                                                       "parsed")
 
     @classmethod
     def of(cls, record: TaskRecord, *, created: bool, waited_s: float | None) -> DelegateResult:
@@ -202,6 +235,7 @@ class DelegateResult(BaseModel):
             priority=record.priority, created=created, result=record.result,
             error=record.error, worker_id=record.worker_id, attempts=record.attempts,
             duration_s=record.duration_s, waited_s=waited_s, next_step=next_step(record),
+            workdir=record.workdir, model=record.model, result_json=record.result_json,
         )
 
 
@@ -220,6 +254,8 @@ class TaskSummary(BaseModel):
     created_at: str | None
     finished_at: str | None
     duration_s: float | None
+    workdir: str | None = None
+    model: str | None = None
 
     @classmethod
     def of(cls, task: TaskSnapshot) -> TaskSummary:
@@ -232,8 +268,45 @@ class TaskSummary(BaseModel):
             priority=record.priority, prompt_preview=preview, has_result=task.result is not None,
             error=record.error, worker_id=record.worker_id, attempts=record.attempts,
             created_at=record.created_at, finished_at=record.finished_at,
-            duration_s=record.duration_s,
+            duration_s=record.duration_s, workdir=task.workdir, model=task.model,
         )
+
+
+WAIT_MODES = ("all", "any")
+
+
+class WaitResult(BaseModel):
+    """What a wait on several tasks answers (``wait_tasks``, ``POST /tasks/wait``)."""
+
+    mode: Literal["all", "any"]
+    done: bool = Field(description="whether the wait's condition holds: every task ended "
+                                   "(all) or at least one did (any)")
+    ended: list[str] = Field(description="ids of the tasks that ended")
+    unfinished: list[str] = Field(description="ids of the tasks still pending or running")
+    waited_s: float = Field(description="how long this call waited, s")
+    tasks: list[TaskRecord] = Field(description="each task's record, in the order asked")
+    next_step: str = Field(description="what to do next")
+
+    @classmethod
+    def of(cls, mode: str, records: list[TaskRecord], waited_s: float) -> WaitResult:
+        ended = [r.task_id for r in records if r.ended]
+        unfinished = [r.task_id for r in records if not r.ended]
+        done = not unfinished if mode == "all" else bool(ended)
+        if not unfinished:
+            step = "all ended: read each task's `result` (or `error`)"
+        elif done:
+            step = (f"{len(ended)} ended; call wait_tasks again with the {len(unfinished)} "
+                    "unfinished ids for the rest")
+        else:
+            step = ("the wait ran out; the tasks go on: call wait_tasks again with the "
+                    "unfinished ids")
+        return cls(mode=mode, done=done, ended=ended,  # type: ignore[arg-type]
+                   unfinished=unfinished, waited_s=waited_s, tasks=records, next_step=step)
+
+    def as_json(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        data["tasks"] = [r.as_json() for r in self.tasks]
+        return data
 
 
 class TaskList(BaseModel):
@@ -245,18 +318,105 @@ class TaskList(BaseModel):
 
 # -- plain operations on an open store (the CLI's, and the Service's in a thread) -----------
 
+#: The fields a new task may have (``prompt`` is required), in the order they are checked
+TASK_FIELDS = ("prompt", "type", "priority", "timeout_s", "idempotency_key", "workdir", "files",
+               "model", "system", "options", "output_schema")
+#: Most tasks one ``delegate_tasks`` call may submit
+MAX_BATCH_TASKS = 50
+#: Most tasks one ``wait_tasks`` call may wait on
+MAX_WAIT_TASKS = 100
+
+Models = Callable[[], Sequence[str]]
+
+
 def validate(settings: Settings, prompt: Any, type: Any = "general", priority: Any = 5,
-             timeout_s: Any = None, idempotency_key: Any = None) -> queue.TaskRequest:
-    """Check every field of a new task; InvalidRequest names the first bad one."""
+             timeout_s: Any = None, idempotency_key: Any = None, *, workdir: Any = None,
+             files: Any = None, model: Any = None, system: Any = None, options: Any = None,
+             output_schema: Any = None, models: Models | None = None) -> queue.TaskRequest:
+    """Check every field of a new task; InvalidRequest names the first bad one. ``workdir``
+    defaults to ``settings.workdir`` (the delegating process's directory); ``models`` gives
+    the models a task may name (asked only when it names one). Reads the files (to check
+    them) and may ask Ollama for its models: call it off the event loop."""
     try:
-        return queue.validate_request(settings, prompt, type, priority, timeout_s,
-                                      idempotency_key)
+        request = queue.validate_request(settings, prompt, type, priority, timeout_s,
+                                         idempotency_key)
     except queue.InvalidTask as exc:
         message = str(exc)
         first = message.split(" ", 1)[0]
         named = first if first in ("prompt", "type", "priority", "timeout_s",
                                    "idempotency_key") else None
         raise InvalidRequest(message, field=named) from None
+    try:
+        directory = taskfiles.check_workdir(workdir, settings.workdir)
+        names = taskfiles.check_files(files, directory, settings.max_files_bytes)
+        chosen = None if model is None else taskfields.check_model(
+            model, (models or (lambda: [settings.general_model, settings.code_model]))())
+        system_prompt = taskfields.check_system(system, request.type, settings.max_prompt_chars)
+        chosen_options = taskfields.check_options(options, request.type)
+        schema = taskfields.check_output_schema(output_schema, request.type)
+    except (taskfiles.FileRefused, taskfields.InvalidField) as exc:
+        raise InvalidRequest(str(exc), field=exc.field) from None
+    return dataclasses.replace(request, workdir=directory, files=names, model=chosen,
+                               system=system_prompt, options=chosen_options,
+                               output_schema=schema)
+
+
+def request_from(settings: Settings, fields: Any, models: Models | None = None) -> queue.TaskRequest:
+    """A task from an object of ``TASK_FIELDS`` (a REST body, an item of a batch)."""
+    if not isinstance(fields, Mapping):
+        raise InvalidRequest(f"a task must be an object with at least a prompt, got "
+                             f"{_kind(fields)}")
+    unknown = sorted(str(k) for k in fields if k not in TASK_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) {', '.join(unknown)}; a task accepts "
+                             f"{', '.join(TASK_FIELDS)}", field=unknown[0])
+    if "prompt" not in fields:
+        raise InvalidRequest("prompt is required: everything the local model needs",
+                             field="prompt")
+    return validate(settings, **fields, models=models)
+
+
+def batch_from(settings: Settings, tasks: Any,
+               models: Models | None = None) -> list[queue.TaskRequest]:
+    """The tasks of a batch, every one checked before any is stored; InvalidRequest says
+    the index and the reason of the first bad one."""
+    if isinstance(tasks, str | bytes) or not isinstance(tasks, Sequence) or not tasks:
+        raise InvalidRequest("tasks must be a non-empty list of tasks, each an object with "
+                             "the fields of delegate_task", field="tasks")
+    if len(tasks) > MAX_BATCH_TASKS:
+        raise InvalidRequest(f"tasks holds {len(tasks)} tasks; at most {MAX_BATCH_TASKS} go in "
+                             "one batch (send the rest in another)", field="tasks")
+    out = []
+    for index, item in enumerate(tasks):
+        try:
+            out.append(request_from(settings, item, models))
+        except InvalidRequest as exc:
+            field = f"tasks[{index}]" + (f".{exc.field}" if exc.field else "")
+            raise InvalidRequest(f"tasks[{index}]: {exc}; nothing was stored", field=field,
+                                 index=index) from None
+    return out
+
+
+def check_task_ids(task_ids: Any) -> list[str]:
+    """The ids of a wait, each once, in the order given."""
+    if isinstance(task_ids, str) or not isinstance(task_ids, Sequence) or not task_ids:
+        raise InvalidRequest("task_ids must be a non-empty list of task ids", field="task_ids")
+    if len(task_ids) > MAX_WAIT_TASKS:
+        raise InvalidRequest(f"task_ids holds {len(task_ids)} ids; at most {MAX_WAIT_TASKS} "
+                             "can be waited on at once", field="task_ids")
+    for index, task_id in enumerate(task_ids):
+        if not isinstance(task_id, str) or not task_id.strip() or len(task_id) > 64:
+            raise InvalidRequest(f"task_ids[{index}] must be a task id such as "
+                                 f"task_20250101_120000_1a2b3c4d, got {_kind(task_id)}",
+                                 field="task_ids")
+    return list(dict.fromkeys(task_ids))
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value[:60])
+    return {dict: "an object", list: "a list", bool: "true/false",
+            type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def find_task(store: Store, task_id: str) -> TaskSnapshot:
@@ -318,6 +478,8 @@ def start_pool(settings: Settings) -> PoolHandle:
 
 T = TypeVar("T")
 ProgressFn = Callable[[queue.Progress, float], Awaitable[None]]
+#: told where each waited-on task stands, and the time waited so far
+ManyProgressFn = Callable[[list[queue.Progress], float], Awaitable[None]]
 
 
 class Service:
@@ -337,6 +499,8 @@ class Service:
         self.pool_error: str | None = None
         #: set once ``stop`` has finished: the process may exit without waiting for more
         self.stopped = threading.Event()
+        #: the models a task may name (Ollama's list is cached briefly)
+        self.models = ModelSet(settings)
 
     # -- life ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -401,9 +565,65 @@ class Service:
 
     # -- tasks ---------------------------------------------------------------------------
     def validate(self, prompt: Any, type: Any = "general", priority: Any = 5,
-                 timeout_s: Any = None, idempotency_key: Any = None) -> queue.TaskRequest:
-        """See :func:`validate`."""
-        return validate(self.settings, prompt, type, priority, timeout_s, idempotency_key)
+                 timeout_s: Any = None, idempotency_key: Any = None,
+                 **fields: Any) -> queue.TaskRequest:
+        """See :func:`validate` (blocking: ``prepare`` is the event loop's way)."""
+        return validate(self.settings, prompt, type, priority, timeout_s, idempotency_key,
+                        models=self.models.names, **fields)
+
+    async def prepare(self, fields: Mapping[str, Any]) -> queue.TaskRequest:
+        """A checked request from the fields of one task (``TASK_FIELDS``), checked in a
+        thread: its files are read and Ollama may be asked for its models."""
+        return await anyio.to_thread.run_sync(request_from, self.settings, fields,
+                                              self.models.names)
+
+    async def prepare_batch(self, tasks: Any) -> list[queue.TaskRequest]:
+        """See :func:`batch_from`."""
+        return await anyio.to_thread.run_sync(batch_from, self.settings, tasks,
+                                              self.models.names)
+
+    async def submit_many(self, requests: Sequence[queue.TaskRequest]) -> list[DelegateResult]:
+        """Queue checked requests in one transaction (all or none); their results in order."""
+        settings = self.settings
+        enqueued = await self._call(
+            lambda store: queue.enqueue_many(store, requests, settings, utcnow()))
+        return [DelegateResult.of(TaskRecord.of(e.task, include_prompt=False),
+                                  created=e.created, waited_s=None) for e in enqueued]
+
+    async def wait_many(self, task_ids: Any, mode: str = "all", wait_s: float | None = None,
+                        on_progress: ManyProgressFn | None = None, *,
+                        poll_s: float = SYNC_POLL_S,
+                        progress_every_s: float = PROGRESS_EVERY_S) -> WaitResult:
+        """Watch several tasks until all of them (``mode="all"``) or any of them (``"any"``)
+        ended, or ``wait_s`` passed (default ``default_wait_s``, at most MAX_SYNC_WAIT_S);
+        return their records, results included. An unknown id is TaskNotFound, at once."""
+        ids = check_task_ids(task_ids)
+        if mode not in WAIT_MODES:
+            raise InvalidRequest(f"mode must be \"all\" or \"any\", got {mode!r}", field="mode")
+        if wait_s is None:
+            wait_s = self.default_wait_s
+        if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or \
+                not (math.isfinite(wait_s) and 0 <= wait_s <= MAX_SYNC_WAIT_S):
+            raise InvalidRequest(f"wait_s must be a number of seconds from 0 to "
+                                 f"{MAX_SYNC_WAIT_S:g}, got {wait_s!r}", field="wait_s")
+        start = anyio.current_time()
+        next_report = start + progress_every_s
+        delay = min(SYNC_FIRST_POLL_S, poll_s)
+        while True:
+            progress = await self._call(_progress_of_many, ids)
+            ended = [p.status in FINAL_STATUSES for p in progress]
+            now = anyio.current_time()
+            elapsed = now - start
+            done = all(ended) if mode == "all" else any(ended)
+            if done or elapsed >= wait_s:
+                tasks = await self._call(_find_many, ids)
+                records = [TaskRecord.of(t, include_prompt=False) for t in tasks]
+                return WaitResult.of(mode, records, round(elapsed, 3))
+            if on_progress is not None and now >= next_report:
+                await on_progress(progress, elapsed)
+                next_report = now + progress_every_s
+            await anyio.sleep(max(0.0, min(delay, wait_s - elapsed, next_report - now)))
+            delay = min(delay * 1.5, poll_s)
 
     async def submit(self, request: queue.TaskRequest, *, wait_s: float | None = None,
                      on_progress: ProgressFn | None = None) -> DelegateResult:
@@ -504,6 +724,20 @@ class Service:
         return document
 
 
+def _progress_of_many(store: Store, task_ids: Sequence[str]) -> list[queue.Progress]:
+    try:
+        return queue.tasks_progress(store, task_ids)
+    except queue.TaskNotFound as exc:
+        raise TaskNotFound(str(exc)) from None
+
+
+def _find_many(store: Store, task_ids: Sequence[str]) -> list[TaskSnapshot]:
+    try:
+        return queue.get_tasks(store, task_ids)
+    except queue.TaskNotFound as exc:
+        raise TaskNotFound(str(exc)) from None
+
+
 def _progress_of(store: Store, task_id: str) -> queue.Progress:
     try:
         return queue.task_progress(store, task_id)
@@ -512,8 +746,10 @@ def _progress_of(store: Store, task_id: str) -> queue.Progress:
 
 
 __all__ = [
-    "MAX_LIST_LIMIT", "MAX_SYNC_WAIT_S", "DelegateResult", "InvalidRequest", "PoolHandle",
+    "MAX_BATCH_TASKS", "MAX_LIST_LIMIT", "MAX_SYNC_WAIT_S", "MAX_WAIT_TASKS", "TASK_FIELDS",
+    "WAIT_MODES", "DelegateResult", "InvalidRequest", "ManyProgressFn", "PoolHandle",
     "ProgressFn", "Service", "ServiceError", "StoreUnavailable", "TaskFinished", "TaskList",
-    "TaskNotFound", "TaskRecord", "TaskSummary", "cancel_task", "default_wait_s", "find_task",
-    "list_task_records", "next_step", "read_task", "start_pool", "validate",
+    "TaskNotFound", "TaskRecord", "TaskSummary", "WaitResult", "batch_from", "cancel_task",
+    "check_task_ids", "default_wait_s", "find_task", "list_task_records", "next_step",
+    "read_task", "request_from", "start_pool", "validate",
 ]

@@ -45,6 +45,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "model_url VARCHAR(500)", "partial_result TEXT", "tokens INTEGER",
         "first_token_s FLOAT", "progress_at TIMESTAMP",
     )),
+    # v4: a task's project directory, files, model, system prompt, options and output schema
+    4: tuple(f"ALTER TABLE task_master ADD COLUMN {column}" for column in (
+        "workdir TEXT", "files TEXT", "model VARCHAR(200)", "system_prompt TEXT",
+        "model_options TEXT", "output_schema TEXT",
+    )),
 }
 
 

@@ -67,9 +67,9 @@ def check_workdir(value: Any, default: Path) -> str:
         mode = resolved.stat().st_mode
     except FileNotFoundError:
         raise FileRefused(f"workdir {value!r} does not exist", "workdir") from None
-    except OSError as exc:
-        raise FileRefused(f"workdir {value!r} cannot be used: {exc.strerror or exc}",
-                          "workdir") from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop (3.11)
+        raise FileRefused(f"workdir {value!r} cannot be used: "
+                          f"{getattr(exc, 'strerror', None) or exc}", "workdir") from None
     if not stat.S_ISDIR(mode):
         raise FileRefused(f"workdir {value!r} is not a directory", "workdir")
     return str(resolved)
@@ -136,18 +136,20 @@ def _inside(root: Path, name: str, index: int) -> Path:
     given = Path(name)
     candidate = given if given.is_absolute() else root / given
     try:
-        resolved = candidate.resolve(strict=True)
+        # outside first, whether or not it exists: nothing is said about paths outside
+        leads_to = candidate.resolve(strict=False)
+        if not leads_to.is_relative_to(root):
+            where = "" if leads_to == candidate else f" (it leads to {leads_to})"
+            raise FileRefused(f"files[{index}] ({name!r}) is outside the task's workdir "
+                              f"{root}{where}; only files inside it can be given", "files",
+                              index)
+        return candidate.resolve(strict=True)
     except FileNotFoundError:
         raise FileRefused(f"files[{index}] ({name!r}) does not exist in {root}", "files",
                           index) from None
-    except OSError as exc:
-        raise FileRefused(f"files[{index}] ({name!r}) cannot be used: {exc.strerror or exc}",
-                          "files", index) from None
-    if not resolved.is_relative_to(root):
-        where = "" if resolved == candidate else f" (it leads to {resolved})"
-        raise FileRefused(f"files[{index}] ({name!r}) is outside the task's workdir "
-                          f"{root}{where}; only files inside it can be given", "files", index)
-    return resolved
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop (3.11)
+        raise FileRefused(f"files[{index}] ({name!r}) cannot be used: "
+                          f"{getattr(exc, 'strerror', None) or exc}", "files", index) from None
 
 
 def _read(path: Path, name: str, index: int, room: int, limit: int) -> bytes:

@@ -29,13 +29,20 @@ import anyio.to_thread
 
 from koubou_mcp import queue
 from koubou_mcp.admission import Capacity, Observation
-from koubou_mcp.backends.base import Backend, BackendError, BackendRequest, GenerationProgress
+from koubou_mcp.backends.base import (
+    Backend,
+    BackendError,
+    BackendRequest,
+    GenerationProgress,
+    PermanentBackendError,
+)
 from koubou_mcp.backends.codex import CodexBackend
 from koubou_mcp.backends.ollama import OllamaBackend
 from koubou_mcp.config import Settings
 from koubou_mcp.models import TaskSnapshot, TaskType, WorkerStatus, utcnow
 from koubou_mcp.processes import become_subreaper
 from koubou_mcp.store import Store
+from koubou_mcp.taskfiles import FileRefused, prompt_with_files, read_files
 
 log = logging.getLogger("koubou_mcp.worker")
 
@@ -237,8 +244,12 @@ class Worker:
                     # run on the model, not the wait for one
                     run.scope.deadline = anyio.current_time() + task.timeout_s
                     try:
-                        result = await self._backend_for(task).run(BackendRequest(
-                            task.task_id, task.prompt, task.timeout_s,
+                        backend = self._backend_for(task)
+                        prompt = await anyio.to_thread.run_sync(self._prompt_of, task)
+                        result = await backend.run(BackendRequest(
+                            task.task_id, prompt, task.timeout_s, model=task.model,
+                            system=task.system_prompt, options=task.options,
+                            output_schema=task.schema, workdir=task.workdir,
                             on_progress=lambda p: self._on_progress(run, side, p),
                         ))
                     except BackendError as exc:
@@ -278,6 +289,20 @@ class Worker:
             log.exception("could not record a measurement of %s", self.model_url)
             return
         log.debug("%s: %s -> limit %d", self.model_url, observation, cap.limit)
+
+    def _prompt_of(self, task: TaskSnapshot) -> str:
+        """The prompt with the task's files, read now (they were checked at submit, but may
+        have changed or gone since): a file that breaks a rule now fails the task."""
+        names = task.file_list
+        if not names:
+            return task.prompt
+        try:
+            files = read_files(names, task.workdir or str(self.settings.workdir),
+                               self.settings.max_files_bytes)
+        except FileRefused as exc:
+            raise PermanentBackendError(f"cannot give the task its files: {exc}",
+                                        kind="file_unusable") from None
+        return prompt_with_files(task.prompt, files)
 
     def _backend_for(self, task: TaskSnapshot) -> Backend:
         try:

@@ -38,6 +38,14 @@ def parse_structured(text: str, schema: Mapping[str, Any]) -> Any:
     return value
 
 
+def loads(text: str) -> Any:
+    """The JSON value of an answer that was checked already (None when it is not JSON)."""
+    try:
+        return json.loads(_unfenced(text.strip()))
+    except ValueError:
+        return None
+
+
 def _unfenced(text: str) -> str:
     """A reply wrapped in a Markdown code fence (```json ... ```) without the fence."""
     if text.startswith(_FENCE) and text.endswith(_FENCE) and len(text) > 2 * len(_FENCE):
@@ -51,4 +59,4 @@ def _excerpt(text: str) -> str:
     return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "…"
 
 
-__all__ = ["Misfit", "parse_structured"]
+__all__ = ["Misfit", "loads", "parse_structured"]

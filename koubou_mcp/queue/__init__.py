@@ -45,6 +45,7 @@ from koubou_mcp.queue.reads import (
     counts_by_status,
     finished_since,
     get_task,
+    get_tasks,
     list_tasks,
     pending_by_priority,
     ready_pending_count,
@@ -53,6 +54,7 @@ from koubou_mcp.queue.reads import (
     running_task_deadlines,
     stats,
     task_progress,
+    tasks_progress,
 )
 from koubou_mcp.queue.records import worker_record
 from koubou_mcp.queue.servers import (
@@ -62,7 +64,7 @@ from koubou_mcp.queue.servers import (
     model_servers,
     observe_model_server,
 )
-from koubou_mcp.queue.submit import Enqueued, enqueue, new_task_id
+from koubou_mcp.queue.submit import Enqueued, enqueue, enqueue_many, new_task_id
 from koubou_mcp.queue.workers import (
     get_worker,
     list_workers,
@@ -102,10 +104,12 @@ __all__ = [
     "configure_model_server",
     "counts_by_status",
     "enqueue",
+    "enqueue_many",
     "expire_waiting",
     "fail",
     "finished_since",
     "get_task",
+    "get_tasks",
     "get_worker",
     "heartbeat",
     "list_tasks",
@@ -130,6 +134,7 @@ __all__ = [
     "set_worker_status",
     "stats",
     "task_progress",
+    "tasks_progress",
     "validate_request",
     "worker_record",
 ]

@@ -49,6 +49,32 @@ def task_progress(store: Store, task_id: str) -> Progress:
     return Progress(task_id, row.status, row.worker_id, row.tokens, row.error_kind)
 
 
+def tasks_progress(store: Store, task_ids: Sequence[str]) -> list[Progress]:
+    """``task_progress`` of several tasks in one read, in the order of ``task_ids``;
+    TaskNotFound names the first id that has no task."""
+    with store.read() as conn:
+        rows = {row.task_id: row for row in conn.execute(
+            select(T.c.task_id, T.c.status, T.c.worker_id, T.c.tokens, T.c.error_kind)
+            .where(T.c.task_id.in_(list(task_ids))))}
+    missing = next((i for i in task_ids if i not in rows), None)
+    if missing is not None:
+        raise TaskNotFound(missing)
+    return [Progress(i, rows[i].status, rows[i].worker_id, rows[i].tokens, rows[i].error_kind)
+            for i in task_ids]
+
+
+def get_tasks(store: Store, task_ids: Sequence[str]) -> list[TaskSnapshot]:
+    """Several tasks in one read, in the order of ``task_ids``; TaskNotFound names the first
+    id that has no task."""
+    with store.read() as conn:
+        rows = {row.task_id: task_snapshot(row) for row in conn.execute(
+            select(T).where(T.c.task_id.in_(list(task_ids))))}
+    missing = next((i for i in task_ids if i not in rows), None)
+    if missing is not None:
+        raise TaskNotFound(missing)
+    return [rows[i] for i in task_ids]
+
+
 def list_tasks(store: Store, status: str | None = None, limit: int = 20) -> list[TaskSnapshot]:
     """Tasks, newest first, optionally of one status."""
     query = select(T).order_by(T.c.created_at.desc(), T.c.task_id.desc()).limit(limit)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from koubou_mcp.config import Settings
 from koubou_mcp.models import TaskSnapshot, TaskStatus
@@ -33,36 +34,46 @@ def enqueue(store: Store, request: TaskRequest, settings: Settings, now: datetim
     With an idempotency key, an unfinished task carrying the same key is returned instead of a
     new one (clients that retry a call do not create duplicates).
     """
+    return enqueue_many(store, [request], settings, now)[0]
+
+
+def enqueue_many(store: Store, requests: Sequence[TaskRequest], settings: Settings,
+                 now: datetime) -> list[Enqueued]:
+    """Store several new pending tasks in one transaction: all of them or, when anything
+    fails, none. In the order given; idempotency keys work as in ``enqueue`` (within the
+    batch too). The workers are woken once."""
+    out: list[Enqueued] = []
     with store.write() as conn:
-        if request.idempotency_key is not None:
-            if store.is_postgres:
-                conn.execute(IDEMPOTENCY_LOCK,
-                             {"k": request.idempotency_key})
-            existing = conn.execute(
-                select(T).where(
-                    T.c.idempotency_key == request.idempotency_key,
-                    T.c.status.not_in(FINAL),
-                ).order_by(T.c.created_at.desc()).limit(1)
-            ).first()
-            if existing is not None:
-                return Enqueued(task_snapshot(existing), created=False)
-        values = {
-            "task_id": new_task_id(now),
-            "type": request.type,
-            "prompt": request.prompt,
-            "status": TaskStatus.PENDING.value,
-            "priority": request.priority,
-            "attempts": 0,
-            "max_attempts": settings.max_attempts,
-            "timeout_s": request.timeout_s,
-            "cancel_requested": False,
-            "idempotency_key": request.idempotency_key,
-            "created_at": now,
-            "updated_at": now,
-        }
-        row = conn.execute(INSERT_TASK, values).one()
-        notified = store.notify_within(conn)
+        for request in requests:
+            out.append(_insert(conn, store, request, settings, now))
+        notified = store.notify_within(conn) if any(e.created for e in out) else True
     if not notified:
         store.notify_new_work()
-    return Enqueued(task_snapshot(row), created=True)
+    return out
 
+
+def _insert(conn: Connection, store: Store, request: TaskRequest, settings: Settings,
+            now: datetime) -> Enqueued:
+    if request.idempotency_key is not None:
+        if store.is_postgres:
+            conn.execute(IDEMPOTENCY_LOCK, {"k": request.idempotency_key})
+        existing = conn.execute(
+            select(T).where(
+                T.c.idempotency_key == request.idempotency_key,
+                T.c.status.not_in(FINAL),
+            ).order_by(T.c.created_at.desc()).limit(1)
+        ).first()
+        if existing is not None:
+            return Enqueued(task_snapshot(existing), created=False)
+    values = {
+        **request.columns(),
+        "task_id": new_task_id(now),
+        "status": TaskStatus.PENDING.value,
+        "attempts": 0,
+        "max_attempts": settings.max_attempts,
+        "cancel_requested": False,
+        "created_at": now,
+        "updated_at": now,
+    }
+    row = conn.execute(INSERT_TASK, values).one()
+    return Enqueued(task_snapshot(row), created=True)

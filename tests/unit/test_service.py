@@ -36,7 +36,8 @@ RECORD_KEYS = {"task_id", "type", "status", "priority", "result", "error", "erro
                "attempts", "max_attempts", "timeout_s", "worker_id", "cancel_requested",
                "idempotency_key", "created_at", "updated_at", "started_at", "finished_at",
                "duration_s", "phase", "partial_result", "tokens", "first_token_s",
-               "model_server"}
+               "model_server", "workdir", "files", "model", "system", "options",
+               "output_schema", "result_json"}
 
 
 @pytest.fixture

@@ -188,3 +188,47 @@ def test_a_version_2_store_gains_the_admission_columns_and_keeps_its_tasks(
     assert "model_servers" in tables
     assert db.execute("SELECT value FROM koubou_meta").fetchone() == (str(SCHEMA_VERSION),)
     db.close()
+
+
+def test_a_version_3_store_gains_the_delegation_columns_and_keeps_its_tasks(
+        settings: Settings) -> None:
+    open_store(settings.database_url, settings.run_dir).close()
+    db = sqlite3.connect(settings.home / "db" / "koubou.db")
+    # what version 3 left behind: task_master without the v4 columns
+    db.executescript("""
+        ALTER TABLE task_master DROP COLUMN workdir;
+        ALTER TABLE task_master DROP COLUMN files;
+        ALTER TABLE task_master DROP COLUMN model;
+        ALTER TABLE task_master DROP COLUMN system_prompt;
+        ALTER TABLE task_master DROP COLUMN model_options;
+        ALTER TABLE task_master DROP COLUMN output_schema;
+        UPDATE koubou_meta SET value='3' WHERE key='schema_version';
+        INSERT INTO task_master (task_id, type, prompt, status, priority, attempts, max_attempts,
+            timeout_s, cancel_requested, created_at, updated_at)
+        VALUES ('task_v3', 'code', 'from v3', 'pending', 5, 0, 3, 60, 0,
+            '2026-11-01 00:00:00.000000', '2026-11-01 00:00:00.000000');
+    """)
+    db.commit()
+    store = open_store(settings.database_url, settings.run_dir)
+    try:
+        task = queue.get_task(store, "task_v3")
+        assert (task.prompt, task.workdir, task.file_list, task.model, task.schema) == (
+            "from v3", None, [], None, None)
+    finally:
+        store.close()
+    columns = {row[1] for row in db.execute("PRAGMA table_info(task_master)")}
+    assert {"workdir", "files", "model", "system_prompt", "model_options",
+            "output_schema"} <= columns
+    assert db.execute("SELECT value FROM koubou_meta").fetchone() == (str(SCHEMA_VERSION),)
+    db.close()
+
+
+def test_a_store_made_at_version_4_but_marked_3_migrates_without_adding_columns_twice(
+        settings: Settings) -> None:
+    open_store(settings.database_url, settings.run_dir).close()
+    db = sqlite3.connect(settings.home / "db" / "koubou.db")
+    db.execute("UPDATE koubou_meta SET value='3' WHERE key='schema_version'")
+    db.commit()
+    open_store(settings.database_url, settings.run_dir).close()
+    assert db.execute("SELECT value FROM koubou_meta").fetchone() == (str(SCHEMA_VERSION),)
+    db.close()

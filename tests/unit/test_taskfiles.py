@@ -142,3 +142,10 @@ def test_the_model_gets_each_file_under_a_header_of_its_own(project: Path) -> No
     assert "===== file: src/a.py (11 bytes) =====\nprint('a')\n===== end of file: src/a.py" in text
     assert "===== file: notes.md (8 bytes) =====\n# notes\n===== end of file: notes.md" in text
     assert prompt_with_files("plain", []) == "plain"
+
+
+def test_a_symbolic_link_loop_is_refused_not_a_crash(project: Path) -> None:
+    (project / "loop").symlink_to(project / "loop")
+    error = refused(check_files, ["loop"], str(project), LIMIT)
+    assert error.field == "files" and "files[0] ('loop')" in str(error)
+    assert refused(check_workdir, str(project / "loop"), Path("/")).field == "workdir"
