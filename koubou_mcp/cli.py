@@ -37,6 +37,7 @@ from koubou_mcp.models import FINAL_STATUSES, TaskStatus, TaskType, utcnow
 from koubou_mcp.processes import process_cmdline, wait_gone
 from koubou_mcp.request import TASK_TYPES
 from koubou_mcp.store import Store, StoreError, open_store
+from koubou_mcp.throttle import RepeatFilter
 
 log = logging.getLogger("koubou_mcp")
 
@@ -246,7 +247,9 @@ def setup_logging(settings: Settings, logfile: Path | None, *, stderr_level: int
     level = getattr(logging, settings.log_level)
     root.setLevel(min(level, stderr_level))
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    repeats = RepeatFilter()  # one filter for both handlers: a burst is counted once
     err = logging.StreamHandler(sys.stderr)
+    err.addFilter(repeats)
     err.setLevel(stderr_level)
     err.setFormatter(fmt)
     root.addHandler(err)
@@ -254,6 +257,7 @@ def setup_logging(settings: Settings, logfile: Path | None, *, stderr_level: int
         fh = private_log_handler(logfile)  # never through a symbolic link
         fh.setLevel(level)
         fh.setFormatter(fmt)
+        fh.addFilter(repeats)
         root.addHandler(fh)
     for noisy in ("httpx", "httpcore", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

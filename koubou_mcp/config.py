@@ -132,6 +132,14 @@ KNOBS: dict[str, Knob] = {
     "http_port": Knob("KOUBOU_HTTP_PORT", "--port", "serve over HTTP: TCP port"),
     "http_token": Knob("KOUBOU_HTTP_TOKEN", None, "serve over HTTP: bearer token every request "
                        f"must send (at least {MIN_HTTP_TOKEN_CHARS} characters)"),
+    "http_max_connections": Knob("KOUBOU_HTTP_MAX_CONNECTIONS", None, "serve over HTTP: most "
+                                 "open connections; past it a new one gets 503"),
+    "http_header_timeout_s": Knob("KOUBOU_HTTP_HEADER_TIMEOUT", None, "serve over HTTP: seconds "
+                                  "a request's headers, and then its body, may take to arrive"),
+    "http_sessions_per_client": Knob("KOUBOU_HTTP_SESSIONS_PER_CLIENT", None, "serve over HTTP: "
+                                     "most open MCP sessions of one client address"),
+    "http_session_idle_s": Knob("KOUBOU_HTTP_SESSION_IDLE", None, "serve over HTTP: seconds an "
+                                "MCP session may go unused before it is closed"),
     "no_pool": Knob("KOUBOU_NO_POOL", "--no-pool", "serve: front end only, start no workers "
                     "(true/false; a `koubou-mcp pool` elsewhere runs them)"),
 }
@@ -192,6 +200,10 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8765
     http_token: str = field(default="", repr=False)  # a secret: kept out of reprs and logs
+    http_max_connections: int = 256
+    http_header_timeout_s: float = 10.0
+    http_sessions_per_client: int = 16
+    http_session_idle_s: float = 300.0
     no_pool: bool = False
     #: The environment Codex runs in (``codex_environment``): not a knob, derived from the
     #: environment this process started with and ``codex_env_pass``.
@@ -306,6 +318,13 @@ class Settings:
         need(self.transport in TRANSPORTS, "transport", f"must be {' or '.join(TRANSPORTS)}")
         need(bool(self.http_host) and not any(c.isspace() for c in self.http_host),
              "http_host", "must be a host name or IP address such as 127.0.0.1")
+        need(1 <= self.http_max_connections <= 100_000, "http_max_connections",
+             "must be an integer from 1 to 100000")
+        need(1 <= self.http_sessions_per_client <= 10_000, "http_sessions_per_client",
+             "must be an integer from 1 to 10000")
+        for name in ("http_header_timeout_s", "http_session_idle_s"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value > 0, name, "must be a positive number")
         need(1 <= self.http_port <= 65535, "http_port", "must be an integer from 1 to 65535")
         token = self.http_token
         if token and (len(token) < MIN_HTTP_TOKEN_CHARS or not token.isascii()

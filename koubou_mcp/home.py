@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import logging.handlers
 import os
 import pwd
 import shlex
@@ -125,18 +126,26 @@ def is_own_marker(path: Path) -> bool:
     return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid()
 
 
-class PrivateFileHandler(logging.FileHandler):
-    """A log file of the home, (re)opened through ``open_private``: never through a link."""
+#: A log file is rotated at this size, keeping this many older ones (``name.log.1``, ...): a
+#: burst of errors cannot fill the disk.
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 3
+
+
+class PrivateFileHandler(logging.handlers.RotatingFileHandler):
+    """A log file of the home, (re)opened through ``open_private``: never through a link; rotated
+    at ``max_bytes``."""
 
     def _open(self) -> io.TextIOWrapper:
         fd = open_private(Path(self.baseFilename), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         return open(fd, "a", encoding=self.encoding, errors=self.errors)  # noqa: SIM115
 
 
-def private_log_handler(path: Path) -> logging.FileHandler:
-    """A handler appending to the log ``path``; raises UnsafeHome (or OSError) at once, not
-    at the first record, when the file cannot be opened safely."""
-    return PrivateFileHandler(path, encoding="utf-8")
+def private_log_handler(path: Path, *, max_bytes: int = LOG_MAX_BYTES,
+                        backups: int = LOG_BACKUPS) -> logging.FileHandler:
+    """A handler appending to the log ``path``, rotated at ``max_bytes``; raises UnsafeHome (or
+    OSError) at once, not at the first record, when the file cannot be opened safely."""
+    return PrivateFileHandler(path, encoding="utf-8", maxBytes=max_bytes, backupCount=backups)
 
 
 # -- the home the old default left behind ---------------------------------------------------

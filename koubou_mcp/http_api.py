@@ -26,7 +26,11 @@ are the same. The routes call :class:`koubou_mcp.service.Service`; its errors be
    cannot reach the API through DNS rebinding or a cross-site request (421 / 403).
 2. With a token (``KOUBOU_HTTP_TOKEN``), every request must carry ``Authorization: Bearer
    <token>``, compared in constant time (401).
-3. Request bodies over ``max_body_bytes`` are refused before they are read (413).
+3. Request bodies over ``max_body_bytes`` are refused (413): at once when their length is
+   declared, as they arrive otherwise, whatever the framing; a body must arrive within
+   ``KOUBOU_HTTP_HEADER_TIMEOUT`` (408).
+4. One client address may hold at most ``KOUBOU_HTTP_SESSIONS_PER_CLIENT`` open MCP sessions
+   (429 for the next ``initialize``; ``http_sessions``).
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ import functools
 import hmac
 import ipaddress
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+import anyio
 import anyio.to_thread
 from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException
@@ -48,6 +54,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from koubou_mcp.config import MIN_HTTP_TOKEN_CHARS, ConfigError, Settings
+from koubou_mcp.http_sessions import SessionLimiter
 from koubou_mcp.metrics import StoreCollector, build_registry, render
 from koubou_mcp.models import TaskStatus
 from koubou_mcp.service import (
@@ -61,12 +68,13 @@ from koubou_mcp.service import (
     TaskNotFound,
 )
 
+log = logging.getLogger("koubou_mcp.http_api")
+
 #: Room in a request body beyond the prompt itself (the other fields, JSON syntax), bytes
 BODY_SLACK_BYTES = 64 * 1024
 #: The fields ``POST /task/delegate`` accepts, in the order its errors list them
 DELEGATE_FIELDS = ("prompt", "type", "priority", "sync", "timeout_s", "wait_s",
                    "idempotency_key")
-_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 # -- binding --------------------------------------------------------------------------------
@@ -167,12 +175,16 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 class Guard:
     """ASGI middleware in front of everything: origin checks or the bearer token, then the
-    body size limit. See the module docstring."""
+    body size limit and deadline, then the cap on MCP sessions per client. See the module
+    docstring."""
 
-    def __init__(self, app: ASGIApp, *, token: str, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, *, token: str, max_body: int, body_timeout_s: float = 10.0,
+                 sessions: SessionLimiter | None = None) -> None:
         self.app = app
         self.token = token.encode("utf-8") if token else None
         self.max_body = max_body
+        self.body_timeout_s = body_timeout_s
+        self.sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -192,26 +204,75 @@ class Guard:
         try:
             self._check_caller(headers)
             length = self._declared_length(headers)
+            if length != 0 or "transfer-encoding" in headers:
+                # Counted as it arrives whatever the framing: a Content-Length beside
+                # Transfer-Encoding: chunked (the chunks win) must not slip past the limit,
+                # and a body dribbled in byte by byte must not hold the connection for ever.
+                receive = _replay(await self._read_capped(receive), receive)
         except ApiError as exc:
             await exc.response()(scope, receive, send)
             return
-        if length is None and "transfer-encoding" in headers:  # chunked: count as it comes
-            body = await self._read_capped(receive)
-            if body is None:
-                await self._too_large().response()(scope, receive, send)
-                return
-            receive = _replay(body, receive)
+        if self.sessions is not None and scope["path"].rstrip("/") == "/mcp":
+            await self._mcp(scope, receive, send, headers)
+            return
         await self.app(scope, receive, send)
+
+    async def _mcp(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
+        """Pass an MCP request on, keeping count of the client's open sessions."""
+        assert self.sessions is not None
+        limiter = self.sessions
+        client = (scope.get("client") or ("?", 0))[0]
+        session_id = headers.get("mcp-session-id")
+        if session_id is None:
+            if scope["method"] == "POST" and not limiter.admit(client, anyio.current_time()):
+                error = ApiError(429, f"{client} already has {limiter.per_client} open MCP "
+                                      "sessions; end one (DELETE /mcp) or wait for an idle one "
+                                      f"to expire ({limiter.idle_s:g} s)")
+                error.headers["Retry-After"] = str(max(1, int(limiter.idle_s)))
+                await error.response()(scope, receive, send)
+                return
+            opened: str | None = None
+
+            async def noting_send(message: Message) -> None:
+                nonlocal opened
+                if message["type"] == "http.response.start" and opened is None:
+                    new_id = Headers(raw=message.get("headers", [])).get("mcp-session-id")
+                    if new_id is not None:
+                        opened = new_id
+                        limiter.opened(client, new_id, anyio.current_time())
+                await send(message)
+
+            try:
+                await self.app(scope, receive, noting_send)
+            finally:
+                if opened is None and scope["method"] == "POST":
+                    limiter.abandoned(client)
+            return
+        status = 0
+
+        async def status_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        limiter.begin(client, session_id)
+        try:
+            await self.app(scope, receive, status_send)
+        finally:
+            limiter.end(client, session_id, anyio.current_time(),
+                        closed=scope["method"] == "DELETE" or status == 404)
 
     def _check_caller(self, headers: Headers) -> None:
         if self.token is None:
             host = headers.get("host", "")
-            if _hostname(host) not in _LOOPBACK_NAMES:
+            if not is_loopback(_hostname(host)):
                 raise ApiError(421, f"Host {host!r} is not a loopback name: this server only "
-                                    "answers requests addressed to 127.0.0.1, localhost or "
-                                    "[::1] (set KOUBOU_HTTP_TOKEN to serve other names)")
+                                    "answers requests addressed to a loopback address "
+                                    "(127.0.0.1, localhost, [::1], ...) (set KOUBOU_HTTP_TOKEN "
+                                    "to serve other names)")
             origin = headers.get("origin")
-            if origin is not None and _hostname(urlsplit(origin).netloc) not in _LOOPBACK_NAMES:
+            if origin is not None and not is_loopback(_hostname(urlsplit(origin).netloc)):
                 raise ApiError(403, f"cross-origin request from {origin!r} refused")
             return
         scheme, _, given = headers.get("authorization", "").partition(" ")
@@ -237,19 +298,24 @@ class Guard:
         return ApiError(413, f"request body larger than {self.max_body} bytes (6 bytes per "
                              "KOUBOU_MAX_PROMPT_CHARS plus 64 KiB)", limit_bytes=self.max_body)
 
-    async def _read_capped(self, receive: Receive) -> bytes | None:
+    async def _read_capped(self, receive: Receive) -> bytes:
+        """The whole body, or ApiError 413 past the limit, 408 past the deadline."""
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break  # the client went away; the app will see it too
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        with anyio.move_on_after(self.body_timeout_s) as deadline:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break  # the client went away; the app will see it too
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    raise self._too_large()
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        if deadline.cancelled_caught:
+            raise ApiError(408, f"the request body did not arrive within "
+                                f"{self.body_timeout_s:g} s (KOUBOU_HTTP_HEADER_TIMEOUT)")
         return b"".join(chunks)
 
 
@@ -367,8 +433,24 @@ class RestApi:
         limit = None
         if sync:
             limit = self.service.default_wait_s if wait_s is None else float(wait_s)
-        result = await self.service.submit(task_request, wait_s=limit)
-        return JSONResponse(result.model_dump(mode="json"))
+        if limit is None:
+            result = await self.service.submit(task_request)
+            return JSONResponse(result.model_dump(mode="json"))
+        answer: Response = Response(status_code=499)  # nobody is left to read it
+        async with anyio.create_task_group() as tg:
+            async def watch() -> None:
+                # the body is read, so the next message is the client going away
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                log.info("the client left during a sync wait; stopped waiting (the task "
+                         "stays queued)")
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            result = await self.service.submit(task_request, wait_s=limit)
+            answer = JSONResponse(result.model_dump(mode="json"))
+            tg.cancel_scope.cancel()
+        return answer
 
     async def status(self, request: Request) -> Response:
         params = _query(request, ("include_prompt",))
@@ -459,7 +541,10 @@ def guarded(app: ASGIApp, settings: Settings) -> Guard:
     """``app`` (a Starlette application carrying the API's routes) answering Starlette's own
     errors as JSON, behind the guard for ``settings``."""
     app.add_exception_handler(HTTPException, http_error)  # type: ignore[attr-defined]
-    return Guard(app, token=settings.http_token, max_body=max_body_bytes(settings))
+    return Guard(app, token=settings.http_token, max_body=max_body_bytes(settings),
+                 body_timeout_s=settings.http_header_timeout_s,
+                 sessions=SessionLimiter(settings.http_sessions_per_client,
+                                         settings.http_session_idle_s))
 
 
 __all__ = ["STATUS_OF", "ApiError", "Guard", "RestApi", "check_bind", "guarded", "http_error",

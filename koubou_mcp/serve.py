@@ -116,7 +116,8 @@ def build_http_app(settings: Settings, *, pool: bool = True) -> Any:
     service = Service(settings, run_pool=pool)
     server = build_server(settings, pool=pool, service=service)
     limit = http_api.max_body_bytes(settings)
-    app = http_app(server, http_api.RestApi(service).endpoints(), max_body=limit)
+    app = http_app(server, http_api.RestApi(service).endpoints(), max_body=limit,
+                   session_idle_s=settings.http_session_idle_s)
     return http_api.guarded(app, settings)
 
 
@@ -129,6 +130,8 @@ def serve_http(settings: Settings, *, pool: bool, host: str, port: int) -> None:
     http_api = _http_api()
     import uvicorn
 
+    from koubou_mcp.http_conn import protocol_options
+
     http_api.check_bind(host, settings.http_token)
     app = build_http_app(settings, pool=pool)
     sock = listen(host, port)
@@ -136,6 +139,7 @@ def serve_http(settings: Settings, *, pool: bool, host: str, port: int) -> None:
         app, log_config=None, log_level=settings.log_level.lower(), lifespan="on", ws="none",
         access_log=settings.log_level == "DEBUG", server_header=False,
         timeout_graceful_shutdown=int(HTTP_DRAIN_S),
+        **protocol_options(settings.http_max_connections, settings.http_header_timeout_s),
     )
     where = f"[{host}]" if ":" in host else host
     log.info("serving MCP at http://%s:%d/mcp, the REST API and /metrics (%s)", where, port,

@@ -460,7 +460,8 @@ def build_server(settings: Settings, *, pool: bool = True,
 Route = tuple[str, list[str], Callable[[Any], Awaitable[Any]]]
 
 
-def http_app(server: KoubouServer, routes: Sequence[Route], *, max_body: int) -> Any:
+def http_app(server: KoubouServer, routes: Sequence[Route], *, max_body: int,
+             session_idle_s: float | None = None) -> Any:
     """The Starlette application serving MCP at ``/mcp`` and ``routes`` (path, methods,
     handler) beside it; its lifespan is the server's. The SDK's Host/Origin check is off:
     the caller's guard checks them for every route (the SDK's covers only /mcp, and would
@@ -471,6 +472,8 @@ def http_app(server: KoubouServer, routes: Sequence[Route], *, max_body: int) ->
         server.custom_route(path, methods)(handler)
     return server.streamable_http_app(
         max_request_body_size=max_body,
+        # a session nobody uses for this long is closed (the SDK's default is 30 minutes)
+        session_idle_timeout=session_idle_s if session_idle_s is not None else 30 * 60,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )
 

@@ -18,7 +18,8 @@ from packaging.utils import canonicalize_name
 
 #: what `serve --transport streamable-http` and `top` load
 HTTP_AND_TOP_IMPORTS = ("uvicorn", "starlette", "koubou_mcp.http_api", "koubou_mcp.metrics",
-                        "koubou_mcp.server", "koubou_mcp.serve", "koubou_mcp.top")
+                        "koubou_mcp.server", "koubou_mcp.serve", "koubou_mcp.top",
+                        "koubou_mcp.http_conn", "koubou_mcp.http_sessions")
 
 
 def _core_closure(root: str) -> set[str]:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import socket
 
+import httpx
 import pytest
+from starlette.types import Receive, Scope, Send
 
 from koubou_mcp.config import KNOBS, ConfigError, Settings
-from koubou_mcp.http_api import _hostname, check_bind, is_loopback, max_body_bytes
+from koubou_mcp.http_api import Guard, _hostname, check_bind, is_loopback, max_body_bytes
+from koubou_mcp.http_sessions import SessionLimiter
 from koubou_mcp.serve import listen
 
 TOKEN = "s3cret-token-0123456789"
@@ -99,3 +102,42 @@ def test_a_port_in_use_is_reported_before_anything_starts() -> None:
     assert "--port (KOUBOU_HTTP_PORT)" in str(refused.value)
     sock = listen("127.0.0.1", port)  # free again
     sock.close()
+
+
+async def _ok(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("host", ["127.0.0.2", "127.8.9.10", "localhost", "[::1]"])
+async def test_every_loopback_address_check_bind_allows_without_a_token_is_answered(
+    host: str,
+) -> None:
+    check_bind(host.strip("[]"), "")
+    guard = Guard(_ok, token="", max_body=1000)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard),
+                                 base_url=f"http://{host}:8765") as client:
+        assert (await client.get("/tasks")).status_code == 200
+        refused = await client.get("/tasks", headers={"Host": "evil.example"})
+        assert refused.status_code == 421
+
+
+def test_a_client_gets_its_share_of_sessions_and_idle_ones_expire() -> None:
+    limiter = SessionLimiter(per_client=2, idle_s=10.0)
+    assert limiter.admit("10.0.0.1", 0.0) and limiter.admit("10.0.0.1", 0.0)
+    assert not limiter.admit("10.0.0.1", 0.0), "two opening already"
+    limiter.opened("10.0.0.1", "a", 0.0)
+    limiter.abandoned("10.0.0.1")  # the second never opened one
+    assert limiter.admit("10.0.0.1", 1.0)
+    limiter.opened("10.0.0.1", "b", 1.0)
+    assert not limiter.admit("10.0.0.1", 2.0)
+    assert limiter.admit("10.0.0.2", 2.0), "another client has its own share"
+    limiter.begin("10.0.0.1", "a")  # a long request keeps "a" open past the idle time
+    assert limiter.open_count("10.0.0.1", 50.0) == 1, "b expired, a is in use"
+    limiter.end("10.0.0.1", "a", 50.0, closed=False)
+    assert limiter.open_count("10.0.0.1", 59.0) == 1
+    assert limiter.open_count("10.0.0.1", 60.0) == 0
+    limiter.opened("10.0.0.1", "c", 61.0)
+    limiter.end("10.0.0.1", "c", 62.0, closed=True)  # DELETE
+    assert limiter.open_count("10.0.0.1", 62.0) == 0
