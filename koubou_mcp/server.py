@@ -33,17 +33,16 @@ from pydantic_core import PydanticCustomError
 from koubou_mcp import __version__, queue
 from koubou_mcp.config import PRIORITY_MAX, PRIORITY_MIN, Settings
 from koubou_mcp.models import TaskStatus
+from koubou_mcp.results import StatusName, TaskTypeName
 from koubou_mcp.service import (
     MAX_LIST_LIMIT,
     MAX_SYNC_WAIT_S,
     DelegateResult,
     Service,
     ServiceError,
-    StatusName,
     TaskList,
     TaskNotFound,
     TaskRecord,
-    TaskTypeName,
     default_wait_s,
     next_step,
 )

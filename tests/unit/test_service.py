@@ -274,7 +274,7 @@ def test_the_phase_says_why_a_task_waits_and_how_far_it_got() -> None:
     from datetime import timedelta
 
     from koubou_mcp.models import TaskSnapshot
-    from koubou_mcp.service import phase_of
+    from koubou_mcp.results import phase_of
 
     now = utcnow()
     base = TaskSnapshot(task_id="t", type="general", prompt="p", status="pending", priority=5,

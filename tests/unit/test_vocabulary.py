@@ -7,7 +7,7 @@ from typing import get_args
 
 from koubou_mcp.models import FINAL_STATUSES, TaskStatus, TaskType
 from koubou_mcp.request import TASK_TYPES
-from koubou_mcp.service import StatusName, TaskTypeName
+from koubou_mcp.results import StatusName, TaskTypeName
 
 
 def test_the_schema_literals_name_exactly_the_enum_values() -> None:
