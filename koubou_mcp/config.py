@@ -2,7 +2,9 @@
 
 ``Settings.from_env`` reads the environment once at start; CLI flags are applied on top with
 ``Settings.with_overrides``. Everything downstream receives a ``Settings`` instance: nothing
-else reads the environment (except the worker's ``WORKER_ID``, read in ``cli.py``).
+else reads the environment (except what a worker is told by its supervisor, ``WORKER_ID`` and
+``KOUBOU_SUPERVISOR_PID``, read in ``cli.py``). The environments of child processes are built
+here too (``child_environment``, ``codex_environment``).
 """
 
 from __future__ import annotations
@@ -412,6 +414,21 @@ def codex_environment(env: Mapping[str, str], extra: tuple[str, ...] = ()) -> di
                 or any(fnmatch.fnmatchcase(name, pattern) for pattern in extra)):
             out[name] = value
     return out
+
+
+def child_environment(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a koubou-mcp process this one starts (a worker, a pool), with
+    ``extra`` variables on top (``WORKER_ID=...``).
+
+    The inherited environment carries PATH, HOME and the like, which the child and the Codex
+    CLI a worker runs need (Codex itself then gets only ``codex_environment``'s allow-list);
+    the settings override every KOUBOU_* knob, so the child sees exactly these settings.
+    """
+    env = dict(os.environ)
+    env.update(settings.to_env())
+    env["KOUBOU_HOME"] = str(settings.home)
+    env.update(extra)
+    return env
 
 
 def _describe(name: str) -> str:

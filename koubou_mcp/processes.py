@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from koubou_mcp.config import Settings
+from koubou_mcp.config import Settings, child_environment
 from koubou_mcp.home import is_own_marker, open_private
 from koubou_mcp.models import WorkerStatus
 
@@ -177,14 +177,8 @@ class ProcessLauncher:
         self.command = command or worker_command()
 
     def environment(self, worker_id: str) -> dict[str, str]:
-        # The inherited environment carries PATH, HOME and the like, which the worker and the
-        # Codex CLI it runs need; the settings then override every KOUBOU_* knob.
-        env = dict(os.environ)
-        env.update(self.settings.to_env())
-        env["WORKER_ID"] = worker_id
-        env["KOUBOU_HOME"] = str(self.settings.home)
-        env["KOUBOU_SUPERVISOR_PID"] = str(os.getpid())
-        return env
+        return child_environment(self.settings, WORKER_ID=worker_id,
+                                 KOUBOU_SUPERVISOR_PID=str(os.getpid()))
 
     def log_path(self, worker_id: str) -> Path:
         return self.settings.worker_log(worker_id)

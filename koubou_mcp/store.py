@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 #: PostgreSQL channel on which new work is announced
 NOTIFY_CHANNEL = "koubou_tasks"
+#: The wake-up statements (``wakeup`` runs them; the SQL stays here with the store's other
+#: statements). LISTEN takes no bound parameter: the channel is our constant, quoted.
+NOTIFY = text("SELECT pg_notify(:c, '')").bindparams(c=NOTIFY_CHANNEL)
+LISTEN = f'LISTEN "{NOTIFY_CHANNEL}"'
 
 META: Any = Meta.__table__  # type: ignore[attr-defined]
 
@@ -94,7 +98,7 @@ class Store:
         False when this store cannot; then call ``notify_new_work`` after the commit."""
         if not self.is_postgres:
             return False
-        conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_CHANNEL})
+        conn.execute(NOTIFY)
         return True
 
     def notify_new_work(self) -> None:
@@ -127,7 +131,7 @@ def open_store(database_url: str, run_dir: Path, *, create: bool = True) -> Stor
             if url.drivername == "postgresql":
                 url = url.set(drivername="postgresql+psycopg")
             engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
-            wakeup = PostgresWakeup(engine, NOTIFY_CHANNEL)
+            wakeup = PostgresWakeup(engine, notify=NOTIFY, listen=LISTEN)
         else:
             raise StoreError(
                 f"KOUBOU_DATABASE_URL uses {url.get_backend_name()!r}; "

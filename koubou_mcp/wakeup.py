@@ -6,7 +6,8 @@ waiter blocks on a wake-up channel and polls only as a safety net (wake-ups can 
 
 * SQLite (one machine): each waiter owns a named pipe (FIFO) under ``$KOUBOU_HOME/run/wake/``;
   ``notify`` writes one byte into every pipe. A pipe nobody reads any more is removed.
-* PostgreSQL (many machines): ``LISTEN``/``NOTIFY`` on one channel.
+* PostgreSQL (many machines): ``LISTEN``/``NOTIFY`` on one channel. The two statements come
+  from ``store`` (only the store and the queue write SQL); this module only runs them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, Executable
 
 from koubou_mcp.config import make_private_dir
 
@@ -131,10 +132,10 @@ class PostgresListener:
     poll fallback, still ending early on a poke.
     """
 
-    def __init__(self, engine: Engine, channel: str, *, backoff_s: float = 0.5,
+    def __init__(self, engine: Engine, listen: str, *, backoff_s: float = 0.5,
                  max_backoff_s: float = 30.0) -> None:
         self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        self._channel = channel
+        self._listen = listen
         self._backoff_s = self._first_backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._retry_at = 0.0
@@ -154,7 +155,7 @@ class PostgresListener:
 
         conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
         try:
-            conn.execute(f'LISTEN "{self._channel}"')
+            conn.execute(self._listen)
         except BaseException:
             conn.close()
             raise
@@ -248,17 +249,21 @@ class PostgresListener:
 
 
 class PostgresWakeup:
-    def __init__(self, engine: Engine, channel: str) -> None:
+    """``notify`` runs the NOTIFY statement; each listener runs the LISTEN one on a connection
+    of its own."""
+
+    def __init__(self, engine: Engine, *, notify: Executable, listen: str) -> None:
         self.engine = engine
-        self.channel = channel
+        self._notify = notify
+        self._listen = listen
 
     def notify(self) -> None:
         with self.engine.connect() as conn:
-            conn.execute(text("SELECT pg_notify(:c, '')"), {"c": self.channel})
+            conn.execute(self._notify)
             conn.commit()
 
     def listen(self, name: str) -> PostgresListener:
-        return PostgresListener(self.engine, self.channel)
+        return PostgresListener(self.engine, self._listen)
 
 
 class SelfPipe:

@@ -7,6 +7,7 @@ dependency) or under ``TYPE_CHECKING``.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,3 +133,94 @@ def test_the_service_imports_no_web_framework() -> None:
     assert not roots("koubou_mcp.service") & {"starlette", "uvicorn"}
     assert "koubou_mcp.http_api" not in package_edges("koubou_mcp.service")
     assert "koubou_mcp.serve" not in package_edges("koubou_mcp.service")
+
+
+# -- who writes SQL, who reads the environment, how big things grow -------------------------
+
+#: the modules that write SQL: the store (engine, schema and its migrations, the wake-up
+#: statements that ``wakeup`` runs) and the queue package (every operation on tasks)
+SQL_MODULES = ("koubou_mcp.store", "koubou_mcp.queue")
+#: the names that build statements (``sqlalchemy.text`` and the expression language)
+SQL_BUILDERS = frozenset({
+    "text", "select", "insert", "update", "delete", "func", "and_", "or_", "not_", "bindparam",
+    "literal", "literal_column", "column", "table", "union", "exists", "case", "cast", "tuple_",
+    "DDL",
+})
+#: how a string that is a SQL statement starts
+SQL_TEXT = re.compile(r"^\s*(SELECT|INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|CREATE\s|"
+                      r"ALTER\s+TABLE|DROP\s|LISTEN\s|NOTIFY\s|PRAGMA\s|BEGIN\b)")
+#: the modules that read the environment: settings are read once, in ``config`` (and by the
+#: CLI, for what a supervisor tells its worker); everything else receives a ``Settings``
+ENV_MODULES = ("koubou_mcp.cli", "koubou_mcp.config")
+ENV_NAMES = frozenset({"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"})
+MAX_FUNCTION_LINES = 100
+MAX_MODULE_LINES = 600
+
+
+def in_any(name: str, owners: tuple[str, ...]) -> bool:
+    return any(name == owner or name.startswith(owner + ".") for owner in owners)
+
+
+def tree(name: str) -> ast.Module:
+    return ast.parse(MODULES[name].read_text(encoding="utf-8"), str(MODULES[name]))
+
+
+def sql_written(name: str) -> list[str]:
+    """What in ``name`` builds SQL: imported statement builders and SQL statement text."""
+    found = [target for target in imports_of(name)
+             if target.split(".")[0] in ("sqlalchemy", "sqlmodel")
+             and target.rpartition(".")[2] in SQL_BUILDERS]
+    for node in ast.walk(tree(name)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and SQL_TEXT.match(node.value):
+            found.append(f"line {node.lineno}: {node.value[:40]!r}")
+    return found
+
+
+def environment_reads(name: str) -> list[str]:
+    found = []
+    for node in ast.walk(tree(name)):
+        if isinstance(node, ast.Attribute) and node.attr in ENV_NAMES \
+                and isinstance(node.value, ast.Name) and node.value.id == "os":
+            found.append(f"line {node.lineno}: os.{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module == "os":
+            found += [f"line {node.lineno}: from os import {a.name}" for a in node.names
+                      if a.name in ENV_NAMES]
+    return found
+
+
+def test_the_checkers_see_sql_and_environment_reads() -> None:
+    assert "sqlalchemy.text" in sql_written("koubou_mcp.store")
+    assert any("SELECT" in found for found in sql_written("koubou_mcp.store"))
+    assert sql_written("koubou_mcp.queue.statements")
+    assert environment_reads("koubou_mcp.config")
+    assert SQL_TEXT.match("SELECT pg_advisory_xact_lock(:k)")
+    assert SQL_TEXT.match('LISTEN "koubou_tasks"')
+    assert not SQL_TEXT.match("select a model from the list")
+
+
+def test_only_the_store_and_the_queue_write_sql() -> None:
+    writing = {name: found for name in MODULES if not in_any(name, SQL_MODULES)
+               for found in [sql_written(name)] if found}
+    assert writing == {}
+
+
+def test_only_the_cli_and_the_config_read_the_environment() -> None:
+    reading = {name: found for name in MODULES if not in_any(name, ENV_MODULES)
+               for found in [environment_reads(name)] if found}
+    assert reading == {}
+
+
+def test_no_function_is_longer_than_a_hundred_lines() -> None:
+    long = {f"{name}.{node.name}": node.end_lineno - node.lineno + 1
+            for name in MODULES for node in ast.walk(tree(name))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.end_lineno is not None
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES}
+    assert long == {}
+
+
+def test_no_module_is_longer_than_six_hundred_lines() -> None:
+    long = {name: n for name, path in MODULES.items()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert long == {}
