@@ -224,3 +224,48 @@ def test_no_module_is_longer_than_six_hundred_lines() -> None:
     long = {name: n for name, path in MODULES.items()
             if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
     assert long == {}
+
+
+# -- the map of the code ------------------------------------------------------------------
+
+ARCHITECTURE = PACKAGE.parent / "ARCHITECTURE.md"
+
+
+def documented_imports() -> dict[str, set[str]]:
+    """ARCHITECTURE.md's module tables: each file and the package modules it may import
+    (``queue.*`` for any module of the subpackage; a note in parentheses is ignored)."""
+    out = {}
+    for file, allowed in re.findall(r"^\| `([\w/]+\.py)` \|[^|]*\|([^|]*)\|$",
+                                    ARCHITECTURE.read_text(encoding="utf-8"), re.M):
+        names = {re.sub(r"\(.*?\)", "", part).strip() for part in allowed.split(",")}
+        out[file] = {n for n in names if n and n != "—"}
+    return out
+
+
+#: ``from koubou_mcp import queue`` and ``from koubou_mcp.backends import structured`` name the
+#: package too; the tables list the module imported (``queue``, ``backends.structured``)
+PLAIN_PACKAGES = ("koubou_mcp", "koubou_mcp.backends")
+
+
+def allows(allowed: set[str], target: str) -> bool:
+    short = target.removeprefix("koubou_mcp.")
+    return target in PLAIN_PACKAGES or short in allowed or any(
+        a.endswith(".*") and short.startswith(a[:-1]) for a in allowed)
+
+
+def test_architecture_md_has_a_row_for_every_module_and_none_for_a_module_gone() -> None:
+    rows = set(documented_imports())
+    files = {path.relative_to(PACKAGE).as_posix() for path in MODULES.values()}
+    assert sorted(files - rows) == [], "add a row to ARCHITECTURE.md's module table"
+    assert sorted(rows - files) == [], "ARCHITECTURE.md names a module that no longer exists"
+
+
+def test_each_module_imports_only_what_architecture_md_allows_it() -> None:
+    allowed = documented_imports()
+    by_file = {path.relative_to(PACKAGE).as_posix(): name for name, path in MODULES.items()}
+    extra = {file: sorted(t for t in package_edges(name)
+                          if not t.startswith(name + ".") and not allows(allowed[file], t))
+             for file, name in by_file.items() if file in allowed}
+    assert {file: names for file, names in extra.items() if names} == {}, (
+        "a new dependency between modules: if it is right, add it to the module's row in "
+        "ARCHITECTURE.md (the last column)")
