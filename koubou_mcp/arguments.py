@@ -102,6 +102,11 @@ def _add_pool_commands(sub: Any) -> None:
     _add_store_flags(p)
     _add_pool_flags(p)
     p.add_argument("--ollama-url", help=_env_help("ollama_url"))
+    p.add_argument("--detached", action="store_true",
+                   help="run as the background pool a server starts: log only to "
+                        "logs/worker_pool.log, leave at once if another pool runs for this "
+                        "home, exit after KOUBOU_POOL_LINGER seconds with no task and no "
+                        "server attached")
 
 
 def _add_task_commands(sub: Any) -> None:

@@ -256,6 +256,10 @@ def cmd_pool(args: argparse.Namespace) -> int:
     settings = _settings(args)  # validate before importing anything heavy
     from koubou_mcp.pool import run_pool
 
+    if args.detached:
+        # stderr is the same file already (processes.launch_pool): log there once
+        setup_logging(settings, settings.pool_log, stderr_level=logging.CRITICAL + 1)
+        return run_pool(settings, detached=True)
     setup_logging(settings, settings.pool_log, stderr_level=logging.INFO)
     _warn_left_behind(settings)
     return run_pool(settings)
@@ -267,9 +271,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def stop_pool(settings: Settings, timeout_s: float, *, out: TextIO | None = None,
               err: TextIO | None = None) -> int:
-    """``koubou-mcp stop``: SIGTERM the ``koubou-mcp pool`` of this home and wait for it to
-    drain. After ``timeout_s`` it is asked again (which forces). Exit code 0 once it is gone;
-    1 when no pool runs, the pid is not a koubou-mcp pool, or it would not stop."""
+    """``koubou-mcp stop``: SIGTERM the pool of this home (``koubou-mcp pool``, in the
+    foreground or the background one a server started) and wait for it to drain. After
+    ``timeout_s`` it is asked again (which forces). Attached servers then leave it stopped
+    until a new task comes through them. Exit code 0 once it is gone; 1 when no pool runs, the
+    pid is not a koubou-mcp pool, or it would not stop."""
+    from koubou_mcp.attachment import mark_stopped
     from koubou_mcp.supervisor import Tuning
 
     out = out or sys.stdout
@@ -284,7 +291,7 @@ def stop_pool(settings: Settings, timeout_s: float, *, out: TextIO | None = None
         print(f"koubou-mcp: a supervisor holds {lock} but {pid_file} is missing or unreadable; "
               "cannot tell which process to stop", file=err)
         return EXIT_FAILED
-    if holder.role != "pool":
+    if holder.role not in ("pool", "detached"):
         print(f"koubou-mcp: the pool for {settings.home} runs inside a koubou-mcp {holder.role} "
               f"(pid {holder.pid}); it stops when that process exits", file=err)
         return EXIT_FAILED
@@ -293,12 +300,14 @@ def stop_pool(settings: Settings, timeout_s: float, *, out: TextIO | None = None
         print(f"koubou-mcp: pid {holder.pid} in {pid_file} is not koubou-mcp "
               f"({' '.join(cmdline)[:120]}); not signalling it", file=err)
         return EXIT_FAILED
+    mark_stopped(settings.run_dir)  # before the signal: attached servers must not restart it
     try:
         os.kill(holder.pid, signal.SIGTERM)
     except ProcessLookupError:
         print(f"the pool (pid {holder.pid}) had already stopped", file=out)
         return EXIT_OK
-    print(f"stopping the pool (pid {holder.pid}); running tasks get up to "
+    where = "background pool" if holder.role == "detached" else "pool"
+    print(f"stopping the {where} (pid {holder.pid}); running tasks get up to "
           f"{settings.drain_grace_s:g}s to finish", file=out, flush=True)
     if wait_gone(holder.pid, timeout_s):
         print("pool stopped", file=out)

@@ -120,6 +120,10 @@ KNOBS: dict[str, Knob] = {
     "drain_grace_s": Knob(
         "KOUBOU_DRAIN_GRACE", None, "seconds a stopping worker may spend finishing its task"
     ),
+    "pool_linger_s": Knob(
+        "KOUBOU_POOL_LINGER", None, "seconds a background pool stays with no task and no "
+        "server attached before it exits"
+    ),
     "sync_wait_s": Knob(
         "KOUBOU_SYNC_WAIT", None, "default wait of a sync delegate_task before it returns, s"
     ),
@@ -195,6 +199,7 @@ class Settings:
     idle_timeout_s: float = 30.0
     stats_interval_s: float = 30.0
     drain_grace_s: float = 30.0
+    pool_linger_s: float = 600.0
     sync_wait_s: float = 60.0
     log_level: str = "INFO"
     hostname: str = field(default_factory=socket.gethostname)
@@ -292,7 +297,7 @@ class Settings:
                      "stats_interval_s", "sync_wait_s"):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, name, "must be a positive number")
-        for name in ("idle_timeout_s", "drain_grace_s"):
+        for name in ("idle_timeout_s", "drain_grace_s", "pool_linger_s"):
             value = getattr(self, name)
             need(math.isfinite(value) and value >= 0, name, "must be zero or a positive number")
         need(self.code_timeout_s <= self.max_timeout_s and

@@ -256,13 +256,27 @@ def live_workers(store: Store, settings: Settings, now: datetime) -> list[dict[s
             if w.last_heartbeat is not None and w.last_heartbeat >= cutoff]
 
 
+def describe_holder(role: str | None, pid: int | None) -> str:
+    """Where the pool of a home runs, in words, from its leader record."""
+    if role == "detached":
+        return f"a background pool, pid {pid} (detached: its own session, outlives servers)"
+    if role == "pool":
+        return f"`koubou-mcp pool`, pid {pid} (run by hand or by a service manager)"
+    if role == "server":
+        return f"inside a koubou-mcp server, pid {pid}"
+    return f"pid {pid}" if pid else "another process"
+
+
 def check_supervisor(settings: Settings, supervisor: Mapping[str, Any] | None,
                      pool_error: str | None = None) -> Check:
-    """Who supervises the pool of this home: the supervisor in this process (``supervisor`` is
-    its ``health()``), another process holding the pool lock, or nobody."""
+    """Who supervises the pool of this home: the pool this server is attached to
+    (``supervisor`` is ``attachment.PoolLink.health()``), a supervisor in this process (its
+    ``health()``), another process holding the pool lock, or nobody."""
     if pool_error:
         return Check("supervisor", False, "the pool could not start", reason=pool_error,
                      fix=f"see {settings.server_log}")
+    if supervisor is not None and supervisor.get("hosting") == "attached":
+        return _check_attached(settings, supervisor)
     if supervisor is not None:
         data = dict(supervisor)
         if not supervisor.get("running", True):
@@ -291,12 +305,36 @@ def check_supervisor(settings: Settings, supervisor: Mapping[str, Any] | None,
                      data={**data, "leader_pid": leader_pid})
     if lock_is_held(settings.run_dir):
         holder = read_holder(settings.run_dir)
-        who = f"pid {holder.pid} ({holder.role})" if holder else "another process"
-        return Check("supervisor", True, f"run by {who}", data={
-            "running": True, "leader": False, "pid": holder.pid if holder else None})
+        return Check("supervisor", True, f"run by {describe_holder(*_role_pid(holder))}", data={
+            "running": True, "leader": False, "pid": holder.pid if holder else None,
+            "role": holder.role if holder else None,
+            "detached": holder is not None and holder.role == "detached"})
     # Not a problem by itself (workers may run elsewhere); check_workers decides.
     return Check("supervisor", True, "none for this home in any process",
                  data={"running": False})
+
+
+def _role_pid(holder: Any) -> tuple[str | None, int | None]:
+    return (holder.role, holder.pid) if holder is not None else (None, None)
+
+
+def _check_attached(settings: Settings, link: Mapping[str, Any]) -> Check:
+    data = dict(link)
+    servers = len(link.get("attached_servers") or ())
+    attached = f"{servers} server{'' if servers == 1 else 's'} attached"
+    if link.get("starting"):
+        return Check("supervisor", True, f"starting: a background pool, pid {link.get('pid')} "
+                     f"({attached})", data=data)
+    if link.get("running"):
+        return Check("supervisor", True, f"run by {describe_holder(link.get('role'), link.get('pid'))}"
+                     f"; {attached}", data=data)
+    if link.get("stopped_by_user"):
+        return Check("supervisor", True, f"stopped with `koubou-mcp stop`; the next task "
+                     f"delegated here starts it again ({attached})", data=data)
+    return Check("supervisor", False, "no pool runs for this home",
+                 reason=link.get("last_failure") or "the background pool is gone",
+                 fix=f"this server starts it again within seconds; if not, see "
+                     f"{settings.pool_log}", data=data)
 
 
 def check_workers(settings: Settings, store: Store, supervisor: Check, now: datetime) -> Check:

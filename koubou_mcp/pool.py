@@ -1,12 +1,17 @@
-"""Hosting the worker pool: running a supervisor in time, in the foreground or in a thread.
+"""Hosting the worker pool: running a supervisor in time, in the foreground, in the background
+or in a thread.
 
-``run_pool(settings)`` (``koubou-mcp pool``) runs it in the foreground, with signal handlers;
-``start_in_thread(settings)`` runs it inside another process (the MCP server), installing no
-signal handlers and never writing to stdout. Both drive one ``PoolRunner``: stand by until the
-home's leader lock is free, then tick every ``Tuning.tick_s`` and at once when new work is
-announced, until asked to stop; then ``drain`` the workers, resign, and let a standing-by
-supervisor take over. ``PoolLog`` makes sure the pool's lines and statistics reach
-``logs/worker_pool.log`` even when the process logs elsewhere.
+``run_pool(settings)`` (``koubou-mcp pool``) runs it in the foreground, with signal handlers.
+``run_pool(settings, detached=True)`` (``koubou-mcp pool --detached``, what a server starts in
+a session of its own: ``attachment.PoolLink``) does the same in the background: it exits at
+once when another pool leads the home, and by itself once it has had no task and no server
+attached for ``pool_linger_s`` (``attachment.Linger``). ``start_in_thread(settings)`` runs it
+inside another process (tests, benchmarks), installing no signal handlers and never writing to
+stdout. All drive one ``PoolRunner``: stand by until the home's leader lock is free, then tick
+every ``Tuning.tick_s`` and at once when new work is announced, until asked to stop; then
+``drain`` the workers, resign, and let a standing-by supervisor take over. ``PoolLog`` makes
+sure the pool's lines and statistics reach ``logs/worker_pool.log`` even when the process logs
+elsewhere.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from koubou_mcp import queue
+from koubou_mcp.attachment import Linger, attached_servers
 from koubou_mcp.config import Settings
 from koubou_mcp.home import private_log_handler
 from koubou_mcp.models import utcnow
@@ -29,6 +36,9 @@ from koubou_mcp.processes import Launcher, Phase
 from koubou_mcp.store import Store, open_store
 from koubou_mcp.supervisor import LOGGER_NAME, Supervisor, Tuning
 from koubou_mcp.wakeup import Listener, SelfPipe
+
+#: how often a background pool looks whether it still has work or an attached server, s
+LINGER_CHECK_S = 1.0
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -144,9 +154,18 @@ class PoolRunner:
     forces.
     """
 
-    def __init__(self, supervisor: Supervisor, clock: Clock = utcnow) -> None:
+    def __init__(self, supervisor: Supervisor, clock: Clock = utcnow, *,
+                 linger: Linger | None = None, stand_by: bool = True,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.supervisor = supervisor
         self.clock = clock
+        #: with a ``Linger``, the pool stops by itself once idle with no server attached
+        self.linger = linger
+        #: without ``stand_by``, a pool that finds another leading returns at once
+        self.stand_by = stand_by
+        self.wall_clock = wall_clock
+        self._next_linger_check: datetime | None = None
+        self._attached: int | None = None
         self._stop_requests = 0
         self._force = False
         self._pipe = SelfPipe()
@@ -179,6 +198,8 @@ class PoolRunner:
         try:
             while not self.stop_requested:
                 self._tick()
+                if self._lingered_alone():
+                    break
                 if self._sleep(tuning.tick_s) and tuning.settle_s > 0:
                     self._pipe.wait(tuning.settle_s)  # ends early only on a stop request
         finally:
@@ -211,12 +232,43 @@ class PoolRunner:
         while not self.stop_requested:
             if sup.try_lead():
                 return True
+            if not self.stand_by:
+                sup.log.info("the pool for %s already runs (pid %s); this one leaves",
+                             sup.settings.home, sup.health().get("leader_pid") or "?")
+                return False
             if not announced:
                 announced = True
                 sup.log.info("the pool for %s is supervised by pid %s; standing by to take over",
                              sup.settings.home, sup.health().get("leader_pid") or "?")
             self._pipe.wait(sup.tuning.lock_retry_s)
         return False
+
+    def _lingered_alone(self) -> bool:
+        """For a background pool: True once it has had no task and no attached server for
+        ``linger.linger_s`` (looked at every ``LINGER_CHECK_S``)."""
+        linger, sup = self.linger, self.supervisor
+        if linger is None:
+            return False
+        now = self.clock()
+        if self._next_linger_check is not None and now < self._next_linger_check:
+            return False
+        self._next_linger_check = now + timedelta(seconds=LINGER_CHECK_S)
+        try:
+            counts = queue.counts_by_status(sup.store)
+        except Exception:  # the store may be back soon; meanwhile there may be work
+            return False
+        work = bool(counts.get("pending") or counts.get("in_progress"))
+        servers = attached_servers(sup.settings.run_dir, self.wall_clock(), sweep=True)
+        if len(servers) != self._attached:
+            self._attached = len(servers)
+            sup.log.info("%d server%s attached to the pool%s", len(servers),
+                         "" if len(servers) == 1 else "s",
+                         f" (pids {', '.join(map(str, servers))})" if servers else "")
+        if not linger.observe(now, work=work, attached=len(servers)):
+            return False
+        sup.log.info("no task and no server attached for %gs: the background pool exits",
+                     linger.linger_s)
+        return True
 
     def _listen_for_work(self) -> None:
         sup = self.supervisor
@@ -252,11 +304,15 @@ class PoolRunner:
 
 # -- hosting ----------------------------------------------------------------------------------
 
-def run_pool(settings: Settings) -> int:
-    """``koubou-mcp pool``: supervise in the foreground until SIGTERM/SIGINT (a second one
-    forces). Stands by while another supervisor holds this home. Returns the exit code."""
+def run_pool(settings: Settings, *, detached: bool = False) -> int:
+    """``koubou-mcp pool``: supervise until SIGTERM/SIGINT (a second one forces). Stands by
+    while another supervisor holds this home. ``detached`` (the background pool a server
+    starts): leave at once when another supervisor holds the home, and exit once idle with no
+    server attached for ``pool_linger_s``. Returns the exit code."""
     store = open_store(settings.database_url, settings.run_dir)
-    runner = PoolRunner(Supervisor(settings, store, role="pool"))
+    supervisor = Supervisor(settings, store, role="detached" if detached else "pool")
+    runner = (PoolRunner(supervisor, linger=Linger(settings.pool_linger_s), stand_by=False)
+              if detached else PoolRunner(supervisor))
     pool_log = PoolLog(settings)
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -352,5 +408,5 @@ def start_in_thread(
     return PoolHandle(runner, thread)
 
 
-__all__ = ["PoolHandle", "PoolLog", "PoolRunner", "drain", "run_pool",
+__all__ = ["LINGER_CHECK_S", "PoolHandle", "PoolLog", "PoolRunner", "drain", "run_pool",
            "start_in_thread"]

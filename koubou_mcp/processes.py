@@ -195,6 +195,33 @@ class ProcessLauncher:
         return PopenWorker(popen)
 
 
+# -- the background pool -------------------------------------------------------------------
+
+def pool_command() -> list[str]:
+    """How a server starts the background pool of its home: this interpreter, this package."""
+    return [sys.executable, "-m", "koubou_mcp", "pool", "--detached"]
+
+
+def launch_pool(settings: Settings, command: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``koubou-mcp pool --detached`` for ``settings``' home, and do not wait for it.
+
+    It gets a session (so a process group) of its own: whoever kills the server's group, as a
+    client ending its session may, does not reach it. It reads nothing; its stdout goes to
+    /dev/null and its stderr to ``logs/worker_pool.log`` (where it logs anyway), never to the
+    server's stdout, which carries the MCP protocol. It works in the home, not in the
+    directory the server started in, which it may outlive.
+    """
+    env = child_environment(settings)
+    fd = open_private(settings.pool_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        return subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+            command or pool_command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=fd, env=env, cwd=settings.home, start_new_session=True, close_fds=True,
+        )
+    finally:
+        os.close(fd)
+
+
 def describe_exit(code: int) -> str:
     """A process's exit code in words: "exited with code 1", "was killed by SIGKILL"."""
     if code < 0:
@@ -392,5 +419,6 @@ __all__ = [
     "GroupLedger", "Launcher", "Managed", "ManagedWorkers", "Phase", "PopenWorker",
     "ProcessLauncher", "WorkerProcess",
     "become_subreaper", "children_of", "describe_exit", "is_subreaper", "kill_adopted",
-    "process_alive", "process_cmdline", "wait_gone", "worker_command",
+    "launch_pool", "pool_command", "process_alive", "process_cmdline", "wait_gone",
+    "worker_command",
 ]

@@ -1,5 +1,6 @@
-"""The application both transports share: open the store and run (or join) the pool, submit a
-task and optionally wait for it, read, list and cancel tasks, and the health document.
+"""The application both transports share: open the store and attach to the pool (started in
+the background when none runs), submit a task and optionally wait for it, read, list and
+cancel tasks, and the health document.
 
 ``server.py`` (MCP) and ``http_api.py`` (REST) are thin layers over :class:`Service`; the CLI
 uses the plain functions (``read_task``, ``cancel_task``, ``TaskRecord.of``) on a store it
@@ -55,9 +56,6 @@ SYNC_FIRST_POLL_S = 0.01
 PROGRESS_EVERY_S = 1.0
 #: Most tasks one listing returns (MCP and REST)
 MAX_LIST_LIMIT = 200
-#: How long stopping waits for the pool: idle workers exit at once; busy ones go on draining
-#: by themselves (they finish their task, or give it back, then exit), s
-POOL_STOP_WAIT_S = 0.5
 
 
 
@@ -233,19 +231,25 @@ def default_wait_s(settings: Settings) -> float:
 # -- the pool -----------------------------------------------------------------------------
 
 class PoolHandle(Protocol):
-    """What the service needs from the pool it runs (``pool.PoolHandle``)."""
+    """What the service needs from the pool it is attached to (``attachment.PoolLink``)."""
 
-    def stop(self, drain: bool = True, timeout_s: float | None = None) -> bool: ...
+    def ensure(self, *, explicit: bool = True) -> None:
+        """Make sure a pool runs for the home (start one when none does)."""
+        ...
+
+    def detach(self) -> None:
+        """Leave the pool; it goes on without this process."""
+        ...
 
     def health(self) -> dict[str, Any]: ...
 
 
 def start_pool(settings: Settings) -> PoolHandle:
-    """Run the scaling supervisor for this home in a thread of this process. When another
-    process supervises the home already, this one stands by and takes over if it goes away."""
-    from koubou_mcp import pool
+    """Attach to the pool of this home, which runs in a process of its own: started in the
+    background (its own session) when none runs, so that it outlives this server."""
+    from koubou_mcp import attachment
 
-    return pool.start_in_thread(settings, role="server")
+    return attachment.attach(settings)
 
 
 # -- the service --------------------------------------------------------------------------
@@ -296,19 +300,16 @@ class Service:
                 log.exception("cannot start the worker pool")
 
     async def stop(self) -> None:
-        """Stop what ``start`` started, quickly (a stdio client kills the server about 2 s
-        after closing stdin). Every worker is told to drain; idle ones exit at once, busy ones
-        finish their task (or give it back after ``drain_grace_s``) and exit by themselves,
-        in their own sessions. No task is lost either way."""
+        """Close what ``start`` opened, quickly (a stdio client kills the server about 2 s
+        after closing stdin). The pool is only left: it runs in its own process and goes on
+        with every running and queued task, then exits by itself once idle with no server
+        attached (``KOUBOU_POOL_LINGER``)."""
         if self.pool is not None:
             pool, self.pool = self.pool, None
             try:
-                stopped = await anyio.to_thread.run_sync(
-                    lambda: pool.stop(drain=True, timeout_s=POOL_STOP_WAIT_S))
-                if not stopped:
-                    log.info("busy workers go on draining after the server exits")
+                await anyio.to_thread.run_sync(pool.detach)
             except Exception:
-                log.exception("stopping the pool failed")
+                log.exception("leaving the pool failed")
         if self.store is not None:
             store, self.store = self.store, None
             store.close()
@@ -361,6 +362,7 @@ class Service:
         settings = self.settings
         enqueued = await self._call(
             lambda store: queue.enqueue_many(store, requests, settings, utcnow()))
+        await self._ensure_pool()
         return [DelegateResult.of(TaskRecord.of(e.task, include_prompt=False),
                                   created=e.created, waited_s=None) for e in enqueued]
 
@@ -409,11 +411,25 @@ class Service:
         settings = self.settings
         enqueued = await self._call(
             lambda store: queue.enqueue(store, request, settings, utcnow()))
+        await self._ensure_pool()
         record, waited = TaskRecord.of(enqueued.task, include_prompt=False), None
         if wait_s is not None:
             record, elapsed = await self.wait(record.task_id, wait_s, on_progress)
             waited = round(elapsed, 3)
         return DelegateResult.of(record, created=enqueued.created, waited_s=waited)
+
+    async def _ensure_pool(self) -> None:
+        """New work: make sure a pool runs to take it (it may have been stopped or died).
+        A failure is logged, never the caller's: the task is queued."""
+        pool = self.pool
+        if pool is None:
+            return
+        try:
+            await anyio.to_thread.run_sync(pool.ensure)
+            self.pool_error = None
+        except Exception as exc:
+            self.pool_error = f"{type(exc).__name__}: {exc}"
+            log.exception("cannot start the worker pool")
 
     async def wait(self, task_id: str, wait_s: float, on_progress: ProgressFn | None = None, *,
                    poll_s: float = SYNC_POLL_S,
@@ -483,7 +499,8 @@ class Service:
         return {"live": len(live), "by_status": by_status, "by_host": by_host, "workers": live}
 
     def pool_health(self) -> dict[str, Any] | None:
-        """The health of the pool this process runs, or None when it runs none."""
+        """Where the pool this server is attached to runs, or None when it is attached to
+        none."""
         return self.pool.health() if self.pool is not None else None
 
     async def health(self) -> dict[str, Any]:
@@ -493,8 +510,9 @@ class Service:
         document = await health.collect_health(
             self.settings, self.store, supervisor=supervisor, store_error=self.store_error,
             pool_error=self.pool_error)
-        document["server"] = {"pid": os.getpid(), "pool": "in this process" if self.run_pool
-                              else "not started (--no-pool)"}
+        document["server"] = {"pid": os.getpid(), "pool": "attached" if self.pool is not None
+                              else "not started (--no-pool)" if not self.run_pool
+                              else "not attached"}
         return document
 
 

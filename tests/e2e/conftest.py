@@ -2,7 +2,8 @@
 and the stand-in Codex CLI.
 
 Every process a test starts is stopped at teardown even when the test fails: a server still
-alive gets its session killed, and every worker process of the test's home is killed.
+alive gets its session killed, and every pool process of the test's home (the background pool
+outlives its server) and every worker process is killed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tests.fakes.ollama_server import FakeOllama
 from tests.support.env import child_env
 from tests.support.paths import FAKE_CODEX_PATH
 from tests.support.processes import koubou_command
-from tests.support.procfs import pid_alive, worker_processes
+from tests.support.procfs import kill_pools_and_workers, pid_alive
 
 
 @pytest.fixture
@@ -41,7 +42,8 @@ def server_params(settings: Settings, *args: str) -> StdioServerParameters:
 
 
 class Leftovers:
-    """Pids a test learns about (servers, workers); killed at teardown if still alive."""
+    """Pids a test learns about (servers, workers); killed at teardown if still alive, with
+    every pool and worker process of the home."""
 
     def __init__(self, home: Path) -> None:
         self.home = home
@@ -51,12 +53,13 @@ class Leftovers:
         self.pids.add(pid)
 
     def kill_all(self) -> None:
-        for pid in {*self.pids, *worker_processes(self.home)}:
+        for pid in self.pids:
             if pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
+        kill_pools_and_workers(self.home)
 
 
 @pytest.fixture

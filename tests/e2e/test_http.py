@@ -29,7 +29,7 @@ from tests.e2e.conftest import Leftovers
 from tests.fakes.ollama_server import FakeOllama
 from tests.support.env import child_env
 from tests.support.processes import koubou_command
-from tests.support.procfs import worker_processes
+from tests.support.procfs import pool_processes, worker_processes
 from tests.support.waiting import wait_until
 
 TOKEN = "t0ken-" + secrets.token_urlsafe(24)
@@ -383,9 +383,9 @@ async def test_an_mcp_client_over_streamable_http_delegates_and_gets_the_result(
             assert record["result"] == "echo: summarise: koubou"
             assert http.get("/health").json()["status"] == "ok"
             assert worker_processes(e2e_settings.home)
-    # SIGTERM stopped the server (exit 0, checked by http_server) and its idle workers
-    wait_until(lambda: not worker_processes(e2e_settings.home), timeout=15,
-               message="the pool's workers to exit after the server")
+    # SIGTERM stopped the server (exit 0, checked by http_server); the background pool stays
+    # (until idle with no server for KOUBOU_POOL_LINGER) and is stopped by the leftovers
+    assert pool_processes(e2e_settings.home)
 
 
 def test_metrics_parse_and_move_when_tasks_run(
@@ -397,8 +397,8 @@ def test_metrics_parse_and_move_when_tasks_run(
                    message="the pool's first worker")
         before = metric_values(http.get("/metrics").text)
         assert before[("koubou_store_up", ())] == 1
-        assert before[("koubou_pool_leader", ())] == 1
-        assert before[("koubou_pool_scale_events_total", (("direction", "up"),))] >= 1
+        # the pool runs in a background process of its own, not in the server
+        assert before[("koubou_pool_leader", ())] == 0
         assert before[("koubou_tasks", (("status", "completed"),))] == 0
         assert ("koubou_task_duration_seconds_count",
                 (("status", "completed"), ("type", "general"))) not in before

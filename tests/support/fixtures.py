@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from koubou_mcp.config import Settings
 from koubou_mcp.store import Store, open_store
 from tests.fakes.ollama_server import FakeOllama
+from tests.support.procfs import kill_pools_and_workers, koubou_processes_under
 
 PG_URL = os.environ.get("KOUBOU_TEST_DATABASE_URL", "")
 
@@ -40,6 +42,36 @@ def _default_home_in_a_throwaway_place(tmp_path_factory: pytest.TempPathFactory)
             os.environ["XDG_STATE_HOME"] = saved
     if not existed and real.exists():
         pytest.fail(f"the tests created {real} in the real user's home")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_pool_outlives_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The safety net under every test: a server's background pool outlives the server by
+    design, so at the end of the session every pool and worker whose KOUBOU_HOME lies in the
+    session's temporary directories is killed, and named, so that the test that left it can be
+    fixed."""
+    yield
+    base = tmp_path_factory.getbasetemp()
+    left = koubou_processes_under(base)
+    for home in {where for _, where in left}:
+        kill_pools_and_workers(Path(home))
+    if left:  # after the capture ends: straight to the terminal
+        print(f"\nkilled {len(left)} koubou processes the tests left running: "
+              + ", ".join(f"pid {pid} ({home})" for pid, home in left), file=sys.__stderr__)
+
+
+@pytest.fixture(autouse=True)
+def _no_pool_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test that had a temporary directory: kill any pool or worker still running
+    with its KOUBOU_HOME there (a detached pool would otherwise linger for minutes, using a
+    core of this small machine, while later tests run)."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    tmp_path: Path = request.getfixturevalue("tmp_path")
+    yield
+    for home in {where for _, where in koubou_processes_under(tmp_path)}:
+        kill_pools_and_workers(Path(home))
 
 
 @pytest.fixture

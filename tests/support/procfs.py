@@ -36,9 +36,9 @@ def _env_home(pid: int) -> str | None:
     return None
 
 
-def worker_processes(home: Path) -> list[int]:
-    """Pids of live ``koubou_mcp worker`` processes whose KOUBOU_HOME is ``home``."""
-    pids = []
+def _koubou_processes(command: bytes) -> list[tuple[int, str | None]]:
+    """Live ``koubou_mcp COMMAND`` processes, with the KOUBOU_HOME of each."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -46,11 +46,32 @@ def worker_processes(home: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"koubou_mcp" in argv and b"worker" in argv:
+        if b"koubou_mcp" in argv and command in argv:
             pid = int(entry.name)
-            if pid_alive(pid) and _env_home(pid) == str(home):
-                pids.append(pid)
-    return pids
+            if pid_alive(pid):
+                found.append((pid, _env_home(pid)))
+    return found
+
+
+def worker_processes(home: Path) -> list[int]:
+    """Pids of live ``koubou_mcp worker`` processes whose KOUBOU_HOME is ``home``."""
+    return [pid for pid, where in _koubou_processes(b"worker") if where == str(home)]
+
+
+def pool_processes(home: Path) -> list[int]:
+    """Pids of live ``koubou_mcp pool`` processes (in the foreground or in the background)
+    whose KOUBOU_HOME is ``home``."""
+    return [pid for pid, where in _koubou_processes(b"pool") if where == str(home)]
+
+
+def koubou_processes_under(base: Path) -> list[tuple[int, str]]:
+    """Live pool and worker processes whose KOUBOU_HOME lies under ``base``, pools first."""
+    inside = []
+    for command in (b"pool", b"worker"):
+        for pid, where in _koubou_processes(command):
+            if where is not None and Path(where).is_relative_to(base):
+                inside.append((pid, where))
+    return inside
 
 
 def kill_workers(home: Path) -> None:
@@ -58,3 +79,17 @@ def kill_workers(home: Path) -> None:
     for pid in worker_processes(home):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
+
+
+def kill_pools_and_workers(home: Path) -> list[int]:
+    """SIGKILL every pool process of ``home``, then every worker, each with its process group
+    (teardown: a background pool outlives the server that started it). Returns the pids."""
+    pools = pool_processes(home)
+    for pid in pools:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    workers = worker_processes(home)
+    kill_workers(home)
+    return pools + workers

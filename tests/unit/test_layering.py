@@ -105,7 +105,7 @@ def test_the_cycle_finder_finds_a_cycle_and_accepts_a_tree() -> None:
 
 def test_the_graph_sees_top_level_lazy_and_relative_imports() -> None:
     assert "koubou_mcp.queue" in package_edges("koubou_mcp.service")  # top level
-    assert "koubou_mcp.pool" in package_edges("koubou_mcp.service")  # inside a function
+    assert "koubou_mcp.attachment" in package_edges("koubou_mcp.service")  # inside a function
     assert "koubou_mcp.backends.base" in package_edges("koubou_mcp.backends.codex")
     assert {"mcp", "mcp_types"} <= roots(MCP_MODULE)
     assert len(MODULES) > 15 and "koubou_mcp" in MODULES

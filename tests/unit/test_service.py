@@ -206,21 +206,25 @@ async def test_a_store_that_cannot_open_makes_every_call_say_so_and_health_down(
 
 
 class RecordingPool:
-    """A pool handle that records what the service asks of it (the real pool spawns
-    processes: the integration tests run it)."""
+    """A pool link that records what the service asks of it (the real one starts a background
+    pool: the end-to-end tests run it)."""
 
     def __init__(self) -> None:
-        self.stops: list[tuple[bool, float | None]] = []
+        self.ensured = 0
+        self.detached = 0
 
-    def stop(self, drain: bool = True, timeout_s: float | None = None) -> bool:
-        self.stops.append((drain, timeout_s))
-        return True
+    def ensure(self, *, explicit: bool = True) -> None:
+        self.ensured += 1
+
+    def detach(self) -> None:
+        self.detached += 1
 
     def health(self) -> dict[str, Any]:
-        return {"running": True, "leader": True, "pid": 1}
+        return {"hosting": "attached", "running": True, "leader": False, "pid": 1,
+                "role": "detached", "detached": True, "attached_servers": [2]}
 
 
-async def test_the_service_starts_its_pool_reports_it_and_drains_it_on_stop(
+async def test_the_service_attaches_to_the_pool_names_it_wakes_it_per_task_and_only_leaves(
     settings: Settings,
 ) -> None:
     pool = RecordingPool()
@@ -236,10 +240,14 @@ async def test_the_service_starts_its_pool_reports_it_and_drains_it_on_stop(
         assert started == [settings]
         document = await service.health()
         assert document["supervisor"]["ok"] is True
-        assert document["server"]["pool"] == "in this process"
+        assert document["server"]["pool"] == "attached"
+        assert "background pool, pid 1" in document["supervisor"]["summary"]
+        assert "1 server attached" in document["supervisor"]["summary"]
+        await service.submit(service.validate("a task"))
+        assert pool.ensured == 1, "a new task makes sure a pool runs to take it"
     finally:
         await service.stop()
-    assert pool.stops and pool.stops[0][0] is True, "stopping drains the workers"
+    assert pool.detached == 1, "stopping the server only leaves the pool"
     assert service.store is None and service.pool is None
 
 

@@ -1,0 +1,211 @@
+"""The pool outlives sessions: the stdio server, started as Claude Code starts it, runs the pool
+in a background process of its own (``koubou-mcp pool --detached``), and killing the server,
+or its whole process group, never stops running or queued work. The pool leaves by itself
+once idle with no server attached, and ``koubou-mcp stop`` stops it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+from koubou_mcp import queue
+from koubou_mcp.attachment import servers_dir
+from koubou_mcp.config import Settings
+from koubou_mcp.leader import Holder, lock_is_held, read_holder
+from koubou_mcp.store import open_store
+from tests.e2e.conftest import Leftovers
+from tests.fakes.ollama_server import FakeOllama
+from tests.support.env import child_env
+from tests.support.jsonrpc import rpc_line
+from tests.support.processes import koubou_command, run_cli
+from tests.support.procfs import pid_alive, pool_processes, worker_processes
+from tests.support.tasks import ended
+from tests.support.waiting import wait_until
+
+
+class RawServer:
+    """``koubou-mcp`` on stdio in a session of its own (its pid is its process group), spoken
+    to line by line."""
+
+    def __init__(self, settings: Settings, tmp_path: Path, leftovers: Leftovers,
+                 name: str = "server") -> None:
+        self.stderr_path = tmp_path / f"{name}.stderr"
+        with open(self.stderr_path, "wb") as stderr:
+            self.proc = subprocess.Popen(
+                [koubou_command()], env=child_env(settings), cwd=settings.workdir,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                start_new_session=True,
+            )
+        leftovers.add(self.proc.pid)
+        self._next_id = 1
+        self.call("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                 "clientInfo": {"name": "raw-test", "version": "0"}})
+        self.send(None, "notifications/initialized")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, id_: int | None, method: str, params: dict[str, Any] | None = None) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(rpc_line(id_, method, params))
+        self.proc.stdin.flush()
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        id_, self._next_id = self._next_id, self._next_id + 1
+        self.send(id_, method, params)
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, f"the server closed stdout; stderr: {self.stderr_path.read_text()}"
+            message: dict[str, Any] = json.loads(line)
+            if message.get("id") == id_:
+                assert "error" not in message, message
+                return dict(message["result"])
+
+    def delegate(self, prompt: str, **arguments: Any) -> dict[str, Any]:
+        result = self.call("tools/call", {"name": "delegate_task",
+                                          "arguments": {"prompt": prompt, **arguments}})
+        assert not result.get("isError"), result
+        return dict(result["structuredContent"])
+
+    def health(self) -> dict[str, Any]:
+        result = self.call("resources/read", {"uri": "koubou://health"})
+        return dict(json.loads(result["contents"][0]["text"]))
+
+
+def pool_holder(settings: Settings) -> Holder | None:
+    return read_holder(settings.run_dir) if lock_is_held(settings.run_dir) else None
+
+
+def background_pool(settings: Settings) -> Holder:
+    holder: Holder = wait_until(lambda: pool_holder(settings), timeout=20,
+                                message="the background pool to lead the home")
+    assert holder.role == "detached"
+    return holder
+
+
+def stop_pool(settings: Settings) -> None:
+    done = run_cli(settings, "stop", "--timeout", "30")
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: not pool_processes(settings.home) and
+               not worker_processes(settings.home), timeout=20,
+               message="the pool and its workers to be gone")
+
+
+def test_killing_the_servers_whole_process_group_never_stops_running_or_queued_work(
+    e2e_settings: Settings, fake_ollama: FakeOllama, leftovers: Leftovers, tmp_path: Path
+) -> None:
+    fake_ollama.configure(latency_s=2.0)
+    server = RawServer(e2e_settings, tmp_path, leftovers)
+    pool = background_pool(e2e_settings)
+    assert os.getsid(pool.pid) == pool.pid != os.getsid(server.pid), "a session of its own"
+    assert os.getpgid(pool.pid) != os.getpgid(server.pid)
+    assert server.health()["supervisor"]["pid"] == pool.pid
+
+    running = server.delegate("running when the session ends")["task_id"]
+    with closing(open_store(e2e_settings.database_url, e2e_settings.run_dir)) as store:
+        wait_until(lambda: queue.get_task(store, running).status == "in_progress", timeout=20,
+                   message="the first task to run")
+        queued = [server.delegate(f"queued {i}")["task_id"] for i in range(3)]
+        assert "pending" in {queue.get_task(store, t).status for t in queued}
+
+        os.killpg(server.pid, signal.SIGKILL)  # what a client ending its session may do
+        server.proc.wait(timeout=10)
+
+        for task_id in [running, *queued]:
+            done = wait_until(lambda t=task_id: ended(store, t), timeout=60,
+                              message=f"{task_id} to end after the server was killed")
+            assert done.status == "completed", (done.status, done.error)
+        assert queue.get_task(store, running).result == "echo: running when the session ends"
+    assert pid_alive(pool.pid) and pool_holder(e2e_settings) == pool, "the same pool went on"
+    stop_pool(e2e_settings)
+
+
+def test_a_second_server_attaches_to_the_pool_and_the_pool_stays_when_both_are_gone(
+    e2e_settings: Settings, leftovers: Leftovers, tmp_path: Path
+) -> None:
+    first = RawServer(e2e_settings, tmp_path, leftovers, "first")
+    pool = background_pool(e2e_settings)
+    second = RawServer(e2e_settings, tmp_path, leftovers, "second")
+    health = second.health()
+    assert health["status"] == "ok", health["problems"]
+    supervisor = health["supervisor"]
+    assert f"a background pool, pid {pool.pid}" in supervisor["summary"]
+    assert "2 servers attached" in supervisor["summary"]
+    assert supervisor["detached"] is True
+    assert sorted(supervisor["attached_servers"]) == sorted([first.pid, second.pid])
+    done = second.delegate("via the second", sync=True, wait_s=30)
+    assert (done["status"], done["result"]) == ("completed", "echo: via the second")
+
+    for server in (first, second):
+        assert server.proc.stdin is not None
+        server.proc.stdin.close()  # the sessions end
+        assert server.proc.wait(timeout=10) == 0
+    assert not list(servers_dir(e2e_settings.run_dir).iterdir()), "both left their markers"
+    assert pid_alive(pool.pid) and pool_holder(e2e_settings) == pool
+    stop_pool(e2e_settings)
+
+
+def test_the_background_pool_stays_while_a_server_is_attached_then_leaves_by_itself(
+    e2e_settings: Settings, leftovers: Leftovers, tmp_path: Path
+) -> None:
+    settings = e2e_settings.with_overrides(pool_linger_s=1.0)
+    server = RawServer(settings, tmp_path, leftovers)
+    pool = background_pool(settings)
+    assert server.delegate("one", sync=True, wait_s=30)["status"] == "completed"
+    marker = servers_dir(settings.run_dir) / str(server.pid)
+    first_beat = marker.stat().st_mtime
+    # several beats later (more than the linger), the idle pool is still there
+    wait_until(lambda: marker.stat().st_mtime >= first_beat + 3.0, timeout=20,
+               message="the server to renew its marker for 3 s")
+    assert pid_alive(pool.pid), "an attached server keeps the idle pool"
+
+    assert server.proc.stdin is not None
+    server.proc.stdin.close()
+    assert server.proc.wait(timeout=10) == 0
+    wait_until(lambda: not pid_alive(pool.pid), timeout=30,
+               message="the pool to leave once alone and idle")
+    wait_until(lambda: not worker_processes(settings.home), timeout=20,
+               message="its workers to be gone")
+    log = (settings.logs_dir / "worker_pool.log").read_text()
+    assert "no task and no server attached for 1s: the background pool exits" in log
+
+
+def test_stop_drains_the_background_pool_and_an_attached_server_waits_for_new_work(
+    e2e_settings: Settings, fake_ollama: FakeOllama, leftovers: Leftovers, tmp_path: Path
+) -> None:
+    fake_ollama.configure(latency_s=1.5)
+    server = RawServer(e2e_settings, tmp_path, leftovers)
+    pool = background_pool(e2e_settings)
+    task_id = server.delegate("finish before stopping")["task_id"]
+    with closing(open_store(e2e_settings.database_url, e2e_settings.run_dir)) as store:
+        wait_until(lambda: queue.get_task(store, task_id).status == "in_progress", timeout=20,
+                   message="the task to run")
+        stopped = run_cli(e2e_settings, "stop", "--timeout", "30")
+        assert stopped.returncode == 0, stopped.stderr
+        assert f"stopping the background pool (pid {pool.pid})" in stopped.stdout
+        assert queue.get_task(store, task_id).status == "completed", "drained, not dropped"
+    assert not pid_alive(pool.pid)
+    health = server.health()
+    assert "stopped with `koubou-mcp stop`" in health["supervisor"]["summary"]
+    marker = servers_dir(e2e_settings.run_dir) / str(server.pid)
+    beat = marker.stat().st_mtime
+    wait_until(lambda: marker.stat().st_mtime > beat, timeout=20,
+               message="a beat of the attached server")
+    assert pool_holder(e2e_settings) is None, "the beat does not undo a stop"
+
+    again = server.delegate("new work starts it again", sync=True, wait_s=30)
+    assert again["status"] == "completed"
+    assert background_pool(e2e_settings).pid != pool.pid
+    stop_pool(e2e_settings)
+
+    missing = run_cli(e2e_settings, "stop")
+    assert missing.returncode == 1 and "no pool is running" in missing.stderr
+    bad = run_cli(e2e_settings, "stop", "--timeout", "soon")
+    assert bad.returncode == 2 and "--timeout" in bad.stderr and "expected" in bad.stderr
