@@ -421,6 +421,9 @@ async def _lifespan(server: MCPServer[Any]) -> AsyncIterator[Service]:
         with anyio.CancelScope(shield=True):
             await service.stop()
         log.info("koubou-mcp server stopped")
+        # only now: the stdio watchdog ends the process at once when this is set, and the
+        # line above would race it
+        service.stopped.set()
 
 
 def build_server(settings: Settings, *, pool: bool = True,

@@ -275,7 +275,8 @@ class Service:
         self.store_error: str | None = None
         self.pool: PoolHandle | None = None
         self.pool_error: str | None = None
-        #: set once ``stop`` has finished: the process may exit without waiting for more
+        #: set by whoever runs the service once ``stop`` has finished and been logged: the
+        #: process may exit without waiting for more
         self.stopped = threading.Event()
         #: the models a task may name (Ollama's list is cached briefly)
         self.models = ModelSet(settings)
@@ -313,7 +314,6 @@ class Service:
         if self.store is not None:
             store, self.store = self.store, None
             store.close()
-        self.stopped.set()
 
     def require_store(self) -> Store:
         if self.store is None:
