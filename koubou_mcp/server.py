@@ -1,4 +1,4 @@
-"""The MCP server: four tools and three resources over :mod:`koubou_mcp.service`.
+"""The MCP server: six tools and three resources over :mod:`koubou_mcp.service`.
 
 A thin layer: the SDK checks each argument's type against the tool's input schema (and
 ``KoubouServer`` turns its failures into one plain sentence per argument), the service does
@@ -21,7 +21,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -32,11 +32,13 @@ from pydantic_core import PydanticCustomError
 
 from koubou_mcp import __version__, queue
 from koubou_mcp.config import PRIORITY_MAX, PRIORITY_MIN, Settings
-from koubou_mcp.models import TaskStatus
-from koubou_mcp.results import StatusName, TaskTypeName
+from koubou_mcp.models import FINAL_STATUSES, TaskStatus
+from koubou_mcp.results import StatusName, TaskTypeName, WaitResult
 from koubou_mcp.service import (
+    MAX_BATCH_TASKS,
     MAX_LIST_LIMIT,
     MAX_SYNC_WAIT_S,
+    MAX_WAIT_TASKS,
     DelegateResult,
     Service,
     ServiceError,
@@ -46,6 +48,8 @@ from koubou_mcp.service import (
     default_wait_s,
     next_step,
 )
+from koubou_mcp.taskfields import MAX_MODEL_CHARS, OPTIONS
+from koubou_mcp.taskfiles import MAX_FILES
 
 log = logging.getLogger("koubou_mcp.server")
 
@@ -68,13 +72,25 @@ conversation). Review what comes back before you use it. Keep work that needs yo
 this conversation's context, or that is quicker to do than to explain.
 
 How to call:
+- Pass files instead of pasting them: delegate_task(prompt, files=["src/app.py"]) has the \
+worker read them (relative to workdir, default this server's directory) when the task runs \
+and hand each to the model under a header; your context pays only for the paths.
 - Short tasks (under a minute): delegate_task(prompt, sync=true) waits up to wait_s (default \
 {default_wait_s:g} s, at most {max_wait_s:g} s) and returns the result.
-- Long tasks, or several at once: delegate_task(prompt) returns a task_id immediately; do \
-other work, then call get_status(task_id). Submitting several before polling runs them in \
-parallel.
-- A sync call that returns status pending or in_progress has not failed: the task goes on; \
-poll get_status.
+- Several tasks: fan out with delegate_tasks(tasks=[{{"prompt": ..., "files": [...]}}, ...]) \
+(one call, all or none stored; they run in parallel), then wait_tasks(task_ids, mode="all") \
+returns every result in one call (mode="any" returns as soon as one ends). Call wait_tasks \
+again with the unfinished ids if it runs out.
+- A long task: delegate_task(prompt) returns a task_id immediately; do other work, then \
+wait_tasks([task_id]) or get_status(task_id).
+- A sync call or a wait that returns pending or in_progress has not failed: the task goes \
+on; wait again.
+- Want data, not prose? output_schema (a JSON Schema, general tasks) makes the model answer \
+in that shape; the parsed value comes back in result_json. model runs a task on another \
+model (an unknown name is refused with the names that work); system and options (\
+temperature, top_p, num_ctx, seed) shape general tasks.
+- Code tasks run Codex in workdir: pass the project's absolute path when it is not this \
+server's directory.
 - list_tasks shows recent tasks and counts; cancel_task stops one. Priority 1-10, higher \
 runs first (default 5).
 - If tasks do not progress, read the koubou://health resource: it says what is wrong."""
@@ -206,12 +222,21 @@ def _wait_type(default_wait_s: float) -> Any:
                     f"{default_wait_s:g}); the task goes on after it")]
 
 
+def _wait_many_type(default_wait_s: float) -> Any:
+    return Annotated[Annotated[float, Field(
+        ge=0, le=MAX_SYNC_WAIT_S, allow_inf_nan=False), NotBool] | None, Field(
+        description=f"longest wait, s (default {default_wait_s:g}, at most "
+                    f"{MAX_SYNC_WAIT_S:g}); the tasks go on after it")]
+
+
 def _with_settings(fn: Callable[..., Any], settings: Settings) -> Callable[..., Any]:
     """``fn`` as registered on a server for ``settings``: the parameters whose limits come
     from the settings get them in their annotations, so the input schema
     publishes them and the SDK checks them (the domain rules are the service's)."""
     bound = {"prompt": _prompt_type(settings), "timeout_s": _timeout_type(settings),
              "wait_s": _wait_type(default_wait_s(settings))}
+    if fn is wait_tasks:
+        bound["wait_s"] = _wait_many_type(default_wait_s(settings))
 
     @functools.wraps(fn)
     async def tool(*args: Any, **kwargs: Any) -> Any:
@@ -277,7 +302,8 @@ def _render(record: TaskRecord | DelegateResult, step: str | None = None) -> str
 
 def _result(model: BaseModel, text: str) -> CallToolResult:
     """Structured content for programs, readable text (the result verbatim) for the model."""
-    data = model.as_json() if isinstance(model, TaskRecord) else model.model_dump(mode="json")
+    data = model.as_json() if isinstance(model, TaskRecord | WaitResult) else \
+        model.model_dump(mode="json")
     return CallToolResult(content=[TextContent(type="text", text=text)],
                           structured_content=data)
 
@@ -294,7 +320,69 @@ def _progress_message(task: queue.Progress, elapsed: float, wait_s: float) -> st
             f"(waiting up to {wait_s:g} s)")
 
 
+def _many_message(tasks: list[queue.Progress], elapsed: float, wait_s: float,
+                  mode: str) -> str:
+    ended = sum(1 for t in tasks if t.status in FINAL_STATUSES)
+    running = [t for t in tasks if t.status == TaskStatus.IN_PROGRESS]
+    tokens = sum(t.tokens or 0 for t in running)
+    working = f", {len(running)} generating ({tokens} tokens)" if running else ""
+    return (f"{ended} of {len(tasks)} ended{working}, {elapsed:.0f} s elapsed (waiting up to "
+            f"{wait_s:g} s for {mode})")
+
+
+class DelegateBatch(BaseModel):
+    """What ``delegate_tasks`` answers."""
+
+    task_ids: list[str] = Field(description="the ids, in the order of the tasks given")
+    tasks: list[DelegateResult]
+    next_step: str
+
+
 # -- the tools ----------------------------------------------------------------------------
+
+WorkdirArg = Annotated[str | None, Field(
+    description="absolute path of the project the task belongs to: Codex works there and "
+                "files are read from there (default: the directory this server runs in)")]
+FilesArg = Annotated[list[str] | None, Field(
+    max_length=MAX_FILES,
+    description="text files (relative to workdir, or absolute inside it) the worker reads "
+                "when the task runs and gives the model, each under a header: pass paths "
+                "instead of pasting contents into the prompt")]
+ModelArg = Annotated[str | None, Field(
+    max_length=MAX_MODEL_CHARS,
+    description="run on this model instead of the type's default (one of KOUBOU_MODELS, or "
+                "of what Ollama lists)")]
+SystemArg = Annotated[str | None, Field(description="general only: a system prompt")]
+OptionsArg = Annotated[dict[str, Any] | None, Field(
+    description="general only: " + ", ".join(
+        f"{name} ({'an integer' if kind is int else 'a number'} {low:g}..{high:g})"
+        for name, (kind, low, high) in OPTIONS.items()))]
+SchemaArg = Annotated[dict[str, Any] | None, Field(
+    description="general only: a JSON Schema the answer must fit; the parsed value comes "
+                "back in result_json (an answer that does not fit is asked for once more, "
+                "then the task fails saying why)")]
+
+#: What each task of a batch may carry (documentation for the caller; the service checks)
+BATCH_ITEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["prompt"],
+    "properties": {
+        "prompt": {"type": "string", "description": "everything the local model needs"},
+        "type": {"enum": ["general", "code"], "default": "general"},
+        "priority": {"type": "integer", "minimum": PRIORITY_MIN, "maximum": PRIORITY_MAX,
+                     "default": 5},
+        "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        "idempotency_key": {"type": "string"},
+        "workdir": {"type": "string", "description": "absolute project directory"},
+        "files": {"type": "array", "items": {"type": "string"},
+                  "description": "text files the worker reads when the task runs"},
+        "model": {"type": "string"},
+        "system": {"type": "string", "description": "general only"},
+        "options": {"type": "object", "description": "general only: "
+                    + ", ".join(OPTIONS)},
+        "output_schema": {"type": "object", "description": "general only: a JSON Schema"},
+    },
+}
 
 async def delegate_task(
     prompt: str,
@@ -313,14 +401,26 @@ async def delegate_task(
         max_length=queue.MAX_IDEMPOTENCY_KEY,
         description="retrying with the same key returns the unfinished task instead of "
                     "adding a duplicate")] = None,
+    workdir: WorkdirArg = None,
+    files: FilesArg = None,
+    model: ModelArg = None,
+    system: SystemArg = None,
+    options: OptionsArg = None,
+    output_schema: SchemaArg = None,
 ) -> Annotated[CallToolResult, DelegateResult]:
     """Queue a prompt for a local model. Async by default: returns a task_id at once;
-    poll get_status. With sync=true, waits for the result (sending progress) and returns
-    it; if the wait runs out, returns the current status and the task goes on."""
+    wait_tasks or get_status gives the result. With sync=true, waits for the result
+    (sending progress) and returns it; if the wait runs out, returns the current status
+    and the task goes on. Give files by path (files=[...]) rather than pasting them; for
+    several tasks use delegate_tasks."""
     service = service_of(ctx)
     with _tool_errors():
         service.require_store()
-        request = service.validate(prompt, type, priority, timeout_s, idempotency_key)
+        request = await service.prepare({
+            "prompt": prompt, "type": type, "priority": priority, "timeout_s": timeout_s,
+            "idempotency_key": idempotency_key, "workdir": workdir, "files": files,
+            "model": model, "system": system, "options": options,
+            "output_schema": output_schema})
         limit = (service.default_wait_s if wait_s is None else wait_s) if sync else None
 
         async def progress(current: queue.Progress, elapsed: float) -> None:
@@ -331,6 +431,60 @@ async def delegate_task(
     prefix = "" if result.created else "(an unfinished task with this idempotency_key " \
                                        "already existed)\n"
     return _result(result, prefix + _render(result, result.next_step))
+
+
+async def delegate_tasks(
+    tasks: Annotated[list[dict[str, Any]], Field(
+        min_length=1, max_length=MAX_BATCH_TASKS,
+        description=f"up to {MAX_BATCH_TASKS} tasks, each an object with the fields of "
+                    "delegate_task (prompt required; type, priority, timeout_s, "
+                    "idempotency_key, workdir, files, model, system, options, output_schema)",
+        json_schema_extra={"items": BATCH_ITEM_SCHEMA})],
+    ctx: Context[Any, Any],
+) -> Annotated[CallToolResult, DelegateBatch]:
+    """Queue several tasks at once (fan out): every task is checked first and all are
+    stored in one go, or none (the error names the index and reason of the first bad one).
+    Returns the task ids in order at once; they run in parallel. Then call wait_tasks with
+    the ids to get the results in one call."""
+    service = service_of(ctx)
+    with _tool_errors():
+        service.require_store()
+        requests = await service.prepare_batch(tasks)
+        results = await service.submit_many(requests)
+    batch = DelegateBatch(task_ids=[r.task_id for r in results], tasks=results,
+                          next_step=f"wait_tasks(task_ids=[...{len(results)} ids]) returns "
+                                    "their results when they end")
+    lines = [f"queued {len(results)} task(s):"] + [
+        f"- {r.task_id}: {r.status}" + ("" if r.created else " (existing, same idempotency_key)")
+        for r in results]
+    return _result(batch, "\n".join(lines + [batch.next_step]))
+
+
+async def wait_tasks(
+    task_ids: Annotated[list[str], Field(
+        min_length=1, max_length=MAX_WAIT_TASKS,
+        description="ids from delegate_task / delegate_tasks")],
+    ctx: Context[Any, Any],
+    mode: Annotated[Literal["all", "any"], Field(
+        description="all: return when every task ended; any: as soon as one did")] = "all",
+    wait_s: float | None = None,
+) -> Annotated[CallToolResult, WaitResult]:
+    """Wait until all (or any) of the tasks end, sending progress meanwhile, and return
+    their records, results included. Bounded by wait_s: when it runs out the tasks go on
+    and unfinished lists the ids to wait on again. An unknown id is an error."""
+    service = service_of(ctx)
+    limit = service.default_wait_s if wait_s is None else wait_s
+
+    async def progress(current: list[queue.Progress], elapsed: float) -> None:
+        await ctx.report_progress(round(elapsed, 1), limit,
+                                  _many_message(current, elapsed, limit, mode))
+
+    with _tool_errors():
+        waited = await service.wait_many(task_ids, mode, limit, progress)
+    parts = [f"{len(waited.ended)} of {len(waited.tasks)} ended after {waited.waited_s:g} s "
+             f"(mode {mode}); {waited.next_step}"]
+    parts += [_render(record, next_step(record)) for record in waited.tasks]
+    return _result(waited, "\n\n---\n".join(parts))
 
 
 async def get_status(
@@ -373,6 +527,11 @@ TOOLS: dict[str, tuple[Callable[..., Awaitable[Any]], str, ToolAnnotations]] = {
     "delegate_task": (delegate_task, "Delegate a task to a local model", ToolAnnotations(
         read_only_hint=False, destructive_hint=False, idempotent_hint=False,
         open_world_hint=False)),
+    "delegate_tasks": (delegate_tasks, "Delegate several tasks at once", ToolAnnotations(
+        read_only_hint=False, destructive_hint=False, idempotent_hint=False,
+        open_world_hint=False)),
+    "wait_tasks": (wait_tasks, "Wait for delegated tasks and get their results",
+                   ToolAnnotations(read_only_hint=True, open_world_hint=False)),
     "get_status": (get_status, "Get a delegated task's status and result", ToolAnnotations(
         read_only_hint=True, open_world_hint=False)),
     "list_tasks": (list_tasks, "List delegated tasks", ToolAnnotations(

@@ -23,7 +23,10 @@ from koubou_mcp.store import open_store
 
 ARGUMENTS = {
     "delegate_task": ["prompt", "type", "priority", "sync", "timeout_s", "wait_s",
-                      "idempotency_key"],
+                      "idempotency_key", "workdir", "files", "model", "system", "options",
+                      "output_schema"],
+    "delegate_tasks": ["tasks"],
+    "wait_tasks": ["task_ids", "mode", "wait_s"],
     "get_status": ["task_id", "include_prompt"],
     "list_tasks": ["status", "limit"],
     "cancel_task": ["task_id"],
@@ -40,6 +43,9 @@ values = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False), st.sampled_from(["NaN", "Infinity", "-1"]),
     hostile_text, st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5),
                                                                        st.integers(), max_size=2),
+    st.lists(hostile_text, max_size=3), st.sampled_from(["/", "/etc", "/etc/passwd", "all", "any"]),
+    st.lists(st.dictionaries(st.sampled_from(["prompt", "files", "model", "workdir", "bogus"]),
+                             hostile_text, max_size=3), max_size=3),
 )
 
 

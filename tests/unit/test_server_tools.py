@@ -30,7 +30,8 @@ from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
-TOOLS = {"delegate_task", "get_status", "list_tasks", "cancel_task"}
+TOOLS = {"delegate_task", "delegate_tasks", "wait_tasks", "get_status", "list_tasks",
+         "cancel_task"}
 
 
 @pytest.fixture
@@ -114,7 +115,7 @@ async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
 
 # -- listing ------------------------------------------------------------------------------
 
-async def test_the_four_tools_are_listed_with_output_schemas_and_annotations(client: Client) -> None:
+async def test_the_tools_are_listed_with_output_schemas_and_annotations(client: Client) -> None:
     tools = {t.name: t for t in (await client.list_tools()).tools}
     assert set(tools) == TOOLS
     for tool in tools.values():
