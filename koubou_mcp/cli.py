@@ -69,7 +69,8 @@ def _warn_left_behind(settings: Settings) -> None:
 
 
 def _store(settings: Settings, *, create: bool = True) -> Store:
-    return open_store(settings.database_url, settings.run_dir, create=create)
+    return open_store(settings.database_url, settings.run_dir, create=create,
+                      busy_timeout_s=settings.sqlite_busy_timeout_s)
 
 
 @contextmanager
@@ -246,7 +247,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # Started by a supervisor, stderr already is this worker's log file.
     logfile = None if supervisor_pid else settings.worker_log(worker_id)
     setup_logging(settings, logfile, stderr_level=logging.INFO)
-    with _opened(settings) as store:
+    # A supervised worker's store exists (its supervisor opened it): should the file be gone,
+    # it must not quietly start an empty one that nobody else sees.
+    with _opened(settings, create=supervisor_pid is None) as store:
         run_worker(settings, store, worker_id, supervisor_pid=supervisor_pid,
                    max_tasks=args.max_tasks)
     return EXIT_OK

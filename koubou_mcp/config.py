@@ -94,6 +94,9 @@ KNOBS: dict[str, Knob] = {
     "max_prompt_chars": Knob("KOUBOU_MAX_PROMPT_CHARS", None, "longest accepted prompt, characters"),
     "max_files_bytes": Knob("KOUBOU_MAX_FILES_BYTES", None, "most bytes the files of one task "
                             "may hold in all"),
+    "sqlite_busy_timeout_s": Knob("KOUBOU_SQLITE_BUSY_TIMEOUT", None, "seconds a SQLite "
+                                  "writer waits for the lock before the call fails (and is "
+                                  "tried again later)"),
     "lease_s": Knob(
         "KOUBOU_LEASE", None, "seconds a claimed task stays reserved without a worker heartbeat"
     ),
@@ -186,6 +189,7 @@ class Settings:
     max_attempts: int = 3
     max_prompt_chars: int = 200_000
     max_files_bytes: int = 400_000
+    sqlite_busy_timeout_s: float = 60.0
     lease_s: float = 30.0
     heartbeat_s: float = 1.0
     poll_s: float = 1.0
@@ -293,6 +297,7 @@ class Settings:
         need(self.codex_sandbox in SANDBOX_MODES, "codex_sandbox",
              f"must be one of {', '.join(SANDBOX_MODES)}")
         for name in ("code_timeout_s", "general_timeout_s", "max_timeout_s", "lease_s",
+                     "sqlite_busy_timeout_s",
                      "heartbeat_s", "poll_s", "retry_base_s", "retry_max_s", "scale_up_threshold",
                      "stats_interval_s", "sync_wait_s"):
             value = getattr(self, name)

@@ -82,7 +82,7 @@ def redact_url(url: str) -> str:
 # -- database -----------------------------------------------------------------------------
 
 def check_store(settings: Settings, store: Store) -> Check:
-    """The open store answers a query."""
+    """The open store answers a query, takes a write, and is still the file it opened."""
     shown = redact_url(settings.database_url)
     try:
         counts = queue.counts_by_status(store)
@@ -90,6 +90,19 @@ def check_store(settings: Settings, store: Store) -> Check:
         return Check("database", False, f"{shown} does not answer", reason=str(exc).strip(),
                      fix="check that the database is reachable and not corrupt (koubou-mcp "
                          "doctor says more)", data={"url": shown})
+    problem = store.file_problem()
+    if problem is not None:
+        return Check("database", False, f"{shown} is gone", reason=problem,
+                     fix="restart the server (and the pool) so that they open the database "
+                         "anew; tasks written since were lost with the file", data={"url": shown})
+    try:
+        store.write_probe()  # reads may work while writes fail: locked, read-only, disk full
+    except Exception as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        return Check("database", False, f"{shown} answers but takes no writes",
+                     reason=detail[0] if detail else type(exc).__name__,
+                     fix="free disk space, make the database writable, or end whatever holds "
+                         "its lock", data={"url": shown})
     return Check("database", True, f"{shown} ({store.dialect}, {sum(counts.values())} tasks)",
                  data={"url": shown, "dialect": store.dialect})
 

@@ -18,7 +18,18 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DataError,
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    NoSuchModuleError,
+    NotSupportedError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import SQLModel
 
 from koubou_mcp.config import make_private_dir
@@ -61,13 +72,43 @@ class StoreError(RuntimeError):
     """The store cannot be used. The message says what is wrong and how to fix it."""
 
 
+def is_store_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is the store failing (locked past the busy timeout, a lost or refused
+    connection, a full disk) rather than a bug in the statement: worth waiting and trying again.
+    """
+    if isinstance(exc, IntegrityError | ProgrammingError | DataError | NotSupportedError):
+        return False
+    return isinstance(exc, DBAPIError | DisconnectionError | PoolTimeout)
+
+
 class Store:
     """A handle on the task store. Cheap to share within a process; make one per process."""
 
-    def __init__(self, engine: Engine, url: str, wakeup: Wakeup) -> None:
+    def __init__(self, engine: Engine, url: str, wakeup: Wakeup, path: Path | None = None) -> None:
         self.engine = engine
         self.url = url
         self.wakeup = wakeup
+        #: SQLite: the database file, and which file it was when opened (device, inode)
+        self.path = path
+        self.identity = _identity(path) if path is not None else None
+
+    def file_problem(self) -> str | None:
+        """SQLite: what is wrong if the path no longer names the file this store opened
+        (deleted, or replaced): writes would go to a file nobody else sees. None when fine."""
+        if self.path is None:
+            return None
+        now = _identity(self.path)
+        if now is None:
+            return f"the database file {self.path} was deleted while in use"
+        if now != self.identity:
+            return f"the database file {self.path} was replaced by another file while in use"
+        return None
+
+    def write_probe(self) -> None:
+        """A write transaction that changes nothing: raises when the store cannot take writes
+        (locked, read-only, full, a lost connection) even though reads still work."""
+        with self.write() as conn:
+            conn.execute(text("UPDATE koubou_meta SET value = value WHERE key = 'schema_version'"))
 
     @property
     def dialect(self) -> str:
@@ -112,7 +153,8 @@ class Store:
         self.engine.dispose()
 
 
-def open_store(database_url: str, run_dir: Path, *, create: bool = True) -> Store:
+def open_store(database_url: str, run_dir: Path, *, create: bool = True,
+               busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_MS / 1000) -> Store:
     """Open (and by default create) the store at ``database_url``.
 
     ``run_dir`` holds the wake-up FIFOs for SQLite. Raises StoreError with a readable message
@@ -125,13 +167,16 @@ def open_store(database_url: str, run_dir: Path, *, create: bool = True) -> Stor
         raise StoreError(f"KOUBOU_DATABASE_URL {database_url!r} is not a database URL: {exc}") from None
     try:
         if url.get_backend_name() == "sqlite":
-            engine = _sqlite_engine(url.database or "", create=create)
+            engine = _sqlite_engine(url.database or "", create=create,
+                                    busy_timeout_ms=int(busy_timeout_s * 1000))
             wakeup: Wakeup = FifoWakeup(run_dir / "wake")
+            path: Path | None = Path(url.database or "").absolute()
         elif url.get_backend_name() == "postgresql":
             if url.drivername == "postgresql":
                 url = url.set(drivername="postgresql+psycopg")
             engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
             wakeup = PostgresWakeup(engine, notify=NOTIFY, listen=LISTEN)
+            path = None
         else:
             raise StoreError(
                 f"KOUBOU_DATABASE_URL uses {url.get_backend_name()!r}; "
@@ -144,7 +189,7 @@ def open_store(database_url: str, run_dir: Path, *, create: bool = True) -> Stor
             f"the driver for {url.drivername} is not installed ({exc.name}); "
             "install it with: pip install 'koubou-mcp[postgres]'"
         ) from None
-    store = Store(engine, database_url, wakeup)
+    store = Store(engine, database_url, wakeup, path)
     try:
         if create:
             _ensure_schema(store)
@@ -191,7 +236,16 @@ def peek_unfinished(db: Path) -> dict[str, int] | None:
     return found
 
 
-def _sqlite_engine(path: str, *, create: bool) -> Engine:
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _sqlite_engine(path: str, *, create: bool,
+                   busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> Engine:
     if not path or path == ":memory:":
         raise StoreError("an in-memory SQLite database cannot be shared by workers; give a file path")
     db = Path(path)
@@ -217,7 +271,7 @@ def _sqlite_engine(path: str, *, create: bool) -> Engine:
 
     engine = create_engine(
         f"sqlite:///{db}",
-        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
     )
 
     @event.listens_for(engine, "connect")
@@ -225,7 +279,7 @@ def _sqlite_engine(path: str, *, create: bool) -> Engine:
         # Let us emit BEGIN ourselves (pysqlite's own BEGIN is deferred and comes too late).
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
         cur.execute("PRAGMA journal_mode = WAL")
         cur.execute("PRAGMA synchronous = NORMAL")
         cur.close()

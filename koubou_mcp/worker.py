@@ -41,7 +41,7 @@ from koubou_mcp.backends.ollama import OllamaBackend
 from koubou_mcp.config import Settings
 from koubou_mcp.models import TaskSnapshot, TaskType, WorkerStatus, utcnow
 from koubou_mcp.processes import become_subreaper
-from koubou_mcp.store import Store
+from koubou_mcp.store import Store, is_store_fault
 from koubou_mcp.taskfiles import FileRefused, prompt_with_files, read_files
 
 log = logging.getLogger("koubou_mcp.worker")
@@ -84,6 +84,10 @@ class StopState:
     drain_started: float | None = None
     requests: int = 0
 
+
+#: after a store fault, the worker waits about this long before trying again (doubling)
+STORE_RETRY_BASE_S = 0.2
+STORE_RETRY_MAX_S = 5.0
 
 #: after HTTP 503 "busy", a task waits about this long (doubling while the server stays busy)
 BUSY_RETRY_BASE_S = 0.5
@@ -142,6 +146,9 @@ class Worker:
         self._rng = random.Random()
         self.model_url = settings.ollama_url
         self._busy_streak = 0
+        self._store_down_since: float | None = None
+        self._store_faults = 0
+        self._last_beat = self._last_recovery = 0.0
 
     # -- stopping ------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -173,10 +180,10 @@ class Worker:
     # -- main loop -----------------------------------------------------------------------
     async def run(self) -> None:
         """Serve tasks until told to stop."""
-        await self._db(queue.register_worker, self.store, self.worker_id, os.getpid(), self.clock(),
-                       self.settings.hostname)
-        await self._db(queue.configure_model_server, self.store, self.model_url,
-                       self.settings.ollama_parallel or None, self.clock())
+        await self._store(queue.register_worker, self.store, self.worker_id, os.getpid(),
+                          self.clock(), self.settings.hostname)
+        await self._store(queue.configure_model_server, self.store, self.model_url,
+                          self.settings.ollama_parallel or None, self.clock())
         log.info("worker %s started (pid %d)", self.worker_id, os.getpid())
         try:
             async with anyio.create_task_group() as tg:
@@ -185,7 +192,13 @@ class Worker:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                await self._db(queue.mark_worker_offline, self.store, self.worker_id, self.clock())
+                try:
+                    await self._db(queue.mark_worker_offline, self.store, self.worker_id,
+                                   self.clock())
+                except Exception as exc:  # the store is down: the row goes silent instead
+                    if not is_store_fault(exc):
+                        raise
+                    log.warning("could not mark this worker offline: %s", _fault_text(exc))
                 for backend in self.backends.values():
                     await backend.aclose()
                 self._listener.close()
@@ -197,33 +210,48 @@ class Worker:
                 self.request_stop()
 
     async def _serve(self) -> None:
-        await self._db(queue.set_worker_status, self.store, self.worker_id, WorkerStatus.IDLE,
-                       self.clock())
-        last_beat = last_recovery = anyio.current_time()
+        await self._store(queue.set_worker_status, self.store, self.worker_id, WorkerStatus.IDLE,
+                          self.clock())
+        self._last_beat = self._last_recovery = anyio.current_time()
         while not self._should_exit():
-            if anyio.current_time() - last_recovery >= self.settings.lease_s / 3:
-                # Any live worker gives back tasks of workers that died unnoticed, so nothing
-                # waits for a supervisor that may be absent (remote workers, `worker` alone).
-                recovered = await self._db(queue.requeue_expired, self.store, self.clock())
-                for r in recovered:
-                    log.warning("%s: its worker's lease expired; now %s", r.task_id, r.status)
-                for task_id in await self._db(queue.expire_waiting, self.store, self.clock(),
-                                              self.settings.max_wait_s):
-                    log.warning("%s: waited over %gs for a model slot; failed", task_id,
-                                self.settings.max_wait_s)
-                last_recovery = anyio.current_time()
-            admitted = await self._db(queue.admit_next, self.store, self.worker_id, self.clock(),
-                                      self.settings.lease_s, self.model_url)
-            if admitted is not None:
-                await self._run_task(admitted)
-                last_beat = anyio.current_time()
-                continue
-            if anyio.current_time() - last_beat >= self.settings.heartbeat_s:
-                await self._db(queue.heartbeat, self.store, self.worker_id, None, self.clock(),
-                               self.settings.lease_s)
-                last_beat = anyio.current_time()
-            wait_s = min(self.settings.poll_s, self.settings.heartbeat_s)
-            await anyio.to_thread.run_sync(self._listener.wait, wait_s)
+            if (problem := self.store.file_problem()) is not None:
+                log.error("%s; this worker stops (restart the server to open a new one)",
+                          problem)
+                return
+            try:
+                await self._serve_once()
+            except Exception as exc:
+                if not is_store_fault(exc):
+                    raise
+                await self._store_fault(exc)
+
+    async def _serve_once(self) -> None:
+        """One round of the idle loop: recovery now and then, a claim, or a heartbeat and a
+        wait for work. A store fault raised here is waited out by ``_serve``."""
+        if anyio.current_time() - self._last_recovery >= self.settings.lease_s / 3:
+            # Any live worker gives back tasks of workers that died unnoticed, so nothing
+            # waits for a supervisor that may be absent (remote workers, `worker` alone).
+            recovered = await self._db(queue.requeue_expired, self.store, self.clock())
+            for r in recovered:
+                log.warning("%s: its worker's lease expired; now %s", r.task_id, r.status)
+            for task_id in await self._db(queue.expire_waiting, self.store, self.clock(),
+                                          self.settings.max_wait_s):
+                log.warning("%s: waited over %gs for a model slot; failed", task_id,
+                            self.settings.max_wait_s)
+            self._last_recovery = anyio.current_time()
+        admitted = await self._db(queue.admit_next, self.store, self.worker_id, self.clock(),
+                                  self.settings.lease_s, self.model_url)
+        self._store_back()
+        if admitted is not None:
+            await self._run_task(admitted)
+            self._last_beat = anyio.current_time()
+            return
+        if anyio.current_time() - self._last_beat >= self.settings.heartbeat_s:
+            await self._db(queue.heartbeat, self.store, self.worker_id, None, self.clock(),
+                           self.settings.lease_s)
+            self._last_beat = anyio.current_time()
+        wait_s = min(self.settings.poll_s, self.settings.heartbeat_s)
+        await anyio.to_thread.run_sync(self._listener.wait, wait_s)
 
     # -- one task ------------------------------------------------------------------------
     async def _run_task(self, admitted: queue.Admitted) -> None:
@@ -316,9 +344,19 @@ class Worker:
             await anyio.sleep(self.settings.heartbeat_s)
             progress = run.progress
             generated = run.generated() if progress is not run.saved else None
-            beat = await self._db(queue.heartbeat, self.store, self.worker_id, run.task.task_id,
-                                  self.clock(), self.settings.lease_s, generated)
-            run.saved = progress
+            beat: queue.Beat | None = None
+            try:
+                beat = await self._db(queue.heartbeat, self.store, self.worker_id,
+                                      run.task.task_id, self.clock(), self.settings.lease_s,
+                                      generated)
+            except Exception as exc:
+                if not is_store_fault(exc):
+                    raise
+                # the model goes on: the lease lasts three beats, and the next one may pass
+                self._store_failed(exc)
+            else:
+                self._store_back()
+                run.saved = progress
             if beat == queue.Beat.CANCEL:
                 log.info("%s: cancel requested; stopping it", run.task.task_id)
                 run.stop(Interrupt.CANCEL)
@@ -342,16 +380,16 @@ class Worker:
             return
         self._busy_streak = 0
         if run.interrupt == Interrupt.CANCEL:
-            await self._db(queue.mark_cancelled, *args, now, generated)
+            await self._store(queue.mark_cancelled, *args, now, generated)
             log.info("%s: cancelled after %.2fs", task.task_id, elapsed)
         elif run.interrupt == Interrupt.LOST:
-            await self._db(queue.set_worker_status, self.store, self.worker_id,
+            await self._store(queue.set_worker_status, self.store, self.worker_id,
                            WorkerStatus.IDLE, now)
         elif run.interrupt == Interrupt.STOP:
-            await self._db(queue.release, *args, now)
+            await self._store(queue.release, *args, now)
             log.info("%s: given back to the queue", task.task_id)
         elif result is not None:
-            accepted = await self._db(queue.complete, *args, result, now, generated)
+            accepted = await self._store(queue.complete, *args, result, now, generated)
             log.info("%s: completed in %.2fs%s", task.task_id, elapsed,
                      "" if accepted else " (already ended elsewhere; result dropped)")
             if run.concurrency is not None and run.progress and run.progress.eval_tokens_per_s:
@@ -360,7 +398,7 @@ class Worker:
         elif error is None or elapsed >= task.timeout_s:
             # the scope's deadline passed (or the backend's own read timeout fired with it):
             # a task that ran out of time is not retried, it would only run out again
-            await self._db(queue.fail, *args, f"timed out after {task.timeout_s:g} s", now,
+            await self._store(queue.fail, *args, f"timed out after {task.timeout_s:g} s", now,
                            kind="timeout", retry=False, generated=generated)
             log.warning("%s: timed out after %gs", task.task_id, task.timeout_s)
         else:
@@ -368,7 +406,7 @@ class Worker:
             kind = error.kind if isinstance(error, BackendError) else "internal"
             message = str(error) if isinstance(error, BackendError) else (
                 f"internal error in the {task.type} backend: {type(error).__name__}: {error}")
-            after = await self._db(
+            after = await self._store(
                 queue.fail, *args, message, now, kind=kind, retry=transient,
                 backoff=(self.settings.retry_base_s, self.settings.retry_max_s),
                 jitter=self._rng.uniform(0.5, 1.0),
@@ -382,16 +420,57 @@ class Worker:
         self._busy_streak += 1
         delay = min(BUSY_RETRY_MAX_S, BUSY_RETRY_BASE_S * 2 ** min(self._busy_streak - 1, 10))
         delay *= self._rng.uniform(0.75, 1.25)
-        await self._db(queue.release, self.store, run.task.task_id, self.worker_id, self.clock(),
+        await self._store(queue.release, self.store, run.task.task_id, self.worker_id, self.clock(),
                        retry_after_s=delay, reason=f"{message}; retrying in {delay:.1f} s")
         log.info("%s: model server busy; back in the queue for %.1fs", run.task.task_id, delay)
         if run.concurrency is not None:
             await self._observe(Observation(run.concurrency, busy=True))
 
+    # -- store faults ---------------------------------------------------------------------
+    async def _store(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """A store call that must happen (registering, recording a task's end): on a store
+        fault, wait and try again until it works, so a locked database or a lost connection
+        never costs a task its attempt. Gives up only when the worker is forced to stop."""
+        while True:
+            try:
+                result = await self._db(fn, *args, **kwargs)
+            except Exception as exc:
+                if not is_store_fault(exc) or self.stop_state.forced:
+                    raise
+                await self._store_fault(exc)
+                continue
+            self._store_back()
+            return result
+
+    async def _store_fault(self, exc: BaseException) -> None:
+        """Note a store fault and back off (doubling, with jitter, up to STORE_RETRY_MAX_S)."""
+        self._store_failed(exc)
+        delay = min(STORE_RETRY_MAX_S, STORE_RETRY_BASE_S * 2 ** min(self._store_faults - 1, 10))
+        await anyio.sleep(delay * self._rng.uniform(0.5, 1.0))
+
+    def _store_failed(self, exc: BaseException) -> None:
+        self._store_faults += 1
+        if self._store_down_since is None:  # once per outage, not once per try
+            self._store_down_since = anyio.current_time()
+            log.warning("the task store failed (%s); retrying with backoff", _fault_text(exc))
+
+    def _store_back(self) -> None:
+        if self._store_down_since is not None:
+            log.warning("the task store answers again after %.1f s (%d failed calls)",
+                        anyio.current_time() - self._store_down_since, self._store_faults)
+            self._store_down_since = None
+            self._store_faults = 0
+
     @staticmethod
     async def _db(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run a store call off the event loop so heartbeats and signals stay responsive."""
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+def _fault_text(exc: BaseException) -> str:
+    """The first line of a store error (the driver's own words), without SQL and parameters."""
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {detail[0] if detail else ''}"
 
 
 def run_worker(settings: Settings, store: Store, worker_id: str, *,
