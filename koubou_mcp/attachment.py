@@ -108,6 +108,32 @@ def clear_stopped(run_dir: Path) -> None:
         (run_dir / STOPPED_MARKER).unlink()
 
 
+# -- where the pool runs, in words ---------------------------------------------------------
+
+def describe_holder(role: str | None, pid: int | None) -> str:
+    """Where the pool of a home runs, from its leader record (``leader.Holder``)."""
+    if role == "detached":
+        return f"a background pool, pid {pid} (detached: its own session, outlives servers)"
+    if role == "pool":
+        return f"`koubou-mcp pool`, pid {pid} (run by hand or by a service manager)"
+    if role == "server":
+        return f"inside a koubou-mcp server, pid {pid}"
+    return f"pid {pid}" if pid else "another process"
+
+
+def pool_summary(run_dir: Path, now_s: float) -> str:
+    """One line for ``top``: where the pool runs and how many servers are attached."""
+    if lock_is_held(run_dir):
+        holder = read_holder(run_dir)
+        where = describe_holder(holder.role if holder else None, holder.pid if holder else None)
+    elif stopped_by_user(run_dir):
+        where = "none (stopped with `koubou-mcp stop`; the next task starts it)"
+    else:
+        where = "none runs for this home"
+    servers = len(attached_servers(run_dir, now_s))
+    return f"pool: {where}; {servers} server{'' if servers == 1 else 's'} attached"
+
+
 # -- the background pool's exit -----------------------------------------------------------
 
 @dataclass
@@ -275,6 +301,7 @@ def attach(settings: Settings) -> PoolLink:
 
 __all__ = [
     "ATTACH_BEAT_S", "ATTACH_STALE_S", "SERVERS_DIR", "STOPPED_MARKER", "Linger", "PoolLink",
-    "PoolProcess", "attach", "attached_servers", "clear_stopped", "mark_attached",
-    "mark_stopped", "servers_dir", "stopped_by_user", "unmark_attached",
+    "PoolProcess", "attach", "attached_servers", "clear_stopped", "describe_holder",
+    "mark_attached", "mark_stopped", "pool_summary", "servers_dir", "stopped_by_user",
+    "unmark_attached",
 ]

@@ -29,6 +29,7 @@ import anyio
 from sqlalchemy.engine import make_url
 
 from koubou_mcp import __version__, queue
+from koubou_mcp.attachment import describe_holder
 from koubou_mcp.backends.codex import CodexBackend
 from koubou_mcp.backends.ollama import OllamaBackend, model_present
 from koubou_mcp.config import Settings
@@ -267,17 +268,6 @@ def live_workers(store: Store, settings: Settings, now: datetime) -> list[dict[s
     cutoff = now - timedelta(seconds=settings.lease_s)
     return [queue.worker_record(w) for w in queue.list_workers(store)
             if w.last_heartbeat is not None and w.last_heartbeat >= cutoff]
-
-
-def describe_holder(role: str | None, pid: int | None) -> str:
-    """Where the pool of a home runs, in words, from its leader record."""
-    if role == "detached":
-        return f"a background pool, pid {pid} (detached: its own session, outlives servers)"
-    if role == "pool":
-        return f"`koubou-mcp pool`, pid {pid} (run by hand or by a service manager)"
-    if role == "server":
-        return f"inside a koubou-mcp server, pid {pid}"
-    return f"pid {pid}" if pid else "another process"
 
 
 def check_supervisor(settings: Settings, supervisor: Mapping[str, Any] | None,

@@ -58,7 +58,7 @@ def current_page(store: Store, settings: Settings) -> tuple[str, bool]:
     """The page as the store is now, and whether the store could be read (blocking: run it
     in a thread)."""
     try:
-        return render_page(top.read_view(store, utcnow()), settings), True
+        return render_page(top.read_view(store, utcnow(), settings.run_dir), settings), True
     except SQLAlchemyError as exc:
         return render_page(None, settings, str(exc).splitlines()[0]), False
 

@@ -19,7 +19,8 @@ import time
 import tty
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TextIO
 
 from rich import box
@@ -30,6 +31,7 @@ from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
 from koubou_mcp import __version__, queue
+from koubou_mcp.attachment import pool_summary
 from koubou_mcp.config import Settings
 from koubou_mcp.models import TaskSnapshot, TaskStatus, WorkerSnapshot, utcnow
 from koubou_mcp.store import Store
@@ -55,11 +57,17 @@ class View:
     completed: list[TaskSnapshot]
     failed: list[TaskSnapshot]
     servers: list[queue.ServerUse] = field(default_factory=list)
+    #: where the pool runs and the servers attached (``attachment.pool_summary``)
+    pool: str = ""
 
 
-def read_view(store: Store, now: datetime) -> View:
-    """One frame's worth of reads (each a small query)."""
+def read_view(store: Store, now: datetime, run_dir: Path | None = None) -> View:
+    """One frame's worth of reads (each a small query); with ``run_dir``, where the pool
+    runs."""
+    pool = "" if run_dir is None else pool_summary(
+        run_dir, now.replace(tzinfo=UTC).timestamp())
     return View(
+        pool=pool,
         read_at=now,
         counts=queue.counts_by_status(store),
         waiting=queue.pending_by_priority(store),
@@ -164,6 +172,8 @@ def render(view: View | None, settings: Settings, error: str | None = None, *,
     header = Text.assemble((f"koubou-mcp {__version__} top", "bold"),
                            f"  {settings.home}  {when}  {hint}")
     parts: list[RenderableType] = [header]
+    if view is not None and view.pool:
+        parts.append(Text(view.pool))
     if error:
         parts.append(Text(f"cannot read the store: {error}", style="bold red"))
     if view is not None:
@@ -212,7 +222,7 @@ def run_top(settings: Settings, store: Store, *, interval_s: float = 1.0, once: 
 
     def frame(last: View | None) -> tuple[View | None, RenderableType]:
         try:
-            view = read_view(store, utcnow())
+            view = read_view(store, utcnow(), settings.run_dir)
         except SQLAlchemyError as exc:  # a locked or vanished database: say so, keep going
             return last, render(last, settings, str(exc).splitlines()[0])
         return view, render(view, settings)

@@ -19,11 +19,13 @@ from koubou_mcp.attachment import (
     attached_servers,
     mark_attached,
     mark_stopped,
+    pool_summary,
     servers_dir,
     stopped_by_user,
     unmark_attached,
 )
 from koubou_mcp.config import Settings
+from koubou_mcp.health import check_supervisor
 from koubou_mcp.leader import LeaderLock
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
@@ -227,3 +229,21 @@ def test_a_pool_that_cannot_be_started_leaves_the_server_attached_and_says_why(
     launches.fail = None
     link.ensure()
     assert len(launches.pools) == 1
+
+
+# -- where the pool runs, in words --------------------------------------------------------
+
+def test_top_and_health_say_where_the_pool_runs_and_who_is_attached(settings: Settings,
+                                                                    lock: LeaderLock) -> None:
+    run = settings.run_dir
+    assert pool_summary(run, time.time()) == "pool: none runs for this home; 0 servers attached"
+    mark_stopped(run)
+    assert "stopped with `koubou-mcp stop`" in pool_summary(run, time.time())
+    assert lock.acquire("detached")
+    mark_attached(run)
+    assert pool_summary(run, time.time()) == (
+        f"pool: a background pool, pid {os.getpid()} (detached: its own session, outlives "
+        "servers); 1 server attached")
+    document = check_supervisor(settings, None).as_dict()
+    assert document["role"] == "detached" and document["detached"] is True
+    assert f"a background pool, pid {os.getpid()}" in document["summary"]
