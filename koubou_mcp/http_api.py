@@ -11,6 +11,13 @@ plus ``"field"`` when one field is to blame):
   most ``wait_s``. 400 for a body that is not a JSON object, 422 for a bad field.
 * ``GET /task/{task_id}/status[?include_prompt=true]``: the task's record; 404 when unknown.
 * ``POST /task/{task_id}/cancel``: cancel it; 404 when unknown, 409 when it already ended.
+* ``POST /task/delegate`` also takes the ``delegate_task`` tool's ``workdir``, ``files``,
+  ``model``, ``system``, ``options`` and ``output_schema``.
+* ``POST /tasks/delegate``: ``{"tasks": [{...}, ...]}`` (each a ``/task/delegate`` body
+  without ``sync``/``wait_s``) → ``{"task_ids", "tasks"}``; all stored or none: 422 with the
+  ``index`` of the first bad task.
+* ``POST /tasks/wait``: ``{"task_ids", "mode": "all"|"any", "wait_s"}`` → what ``wait_tasks``
+  returns; 404 for an unknown id.
 * ``GET /tasks[?status=&limit=]``: ``{"tasks": [...], "counts": {...}}``, newest first.
 * ``GET /workers``: live workers, with counts by status and host.
 * ``GET /metrics``: Prometheus text (``metrics.py``).
@@ -74,7 +81,8 @@ log = logging.getLogger("koubou_mcp.http_api")
 BODY_SLACK_BYTES = 64 * 1024
 #: The fields ``POST /task/delegate`` accepts, in the order its errors list them
 DELEGATE_FIELDS = ("prompt", "type", "priority", "sync", "timeout_s", "wait_s",
-                   "idempotency_key")
+                   "idempotency_key", "workdir", "files", "model", "system", "options",
+                   "output_schema")
 
 
 # -- binding --------------------------------------------------------------------------------
@@ -152,6 +160,8 @@ def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
     body: dict[str, Any] = {"error": str(exc)}
     if isinstance(exc, InvalidRequest) and exc.field is not None:
         body["field"] = exc.field
+    if isinstance(exc, InvalidRequest) and exc.index is not None:
+        body["index"] = exc.index
     if isinstance(exc, TaskNotFound | TaskFinished) and "task_id" in request.path_params:
         body["task_id"] = request.path_params["task_id"]
     return JSONResponse(body, status_code=status)
@@ -162,7 +172,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         message = (f"no route {request.url.path}; the API has / (a status page), /health, /task/delegate, "
-                   "/task/<id>/status, /task/<id>/cancel, /tasks, /workers, /metrics and /mcp")
+                   "/task/<id>/status, /task/<id>/cancel, /tasks, /tasks/delegate, /tasks/wait, "
+                   "/workers, /metrics and /mcp")
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
     else:
@@ -382,6 +393,8 @@ class RestApi:
             ("/task/{task_id}/status", ["GET"], self.status),
             ("/task/{task_id}/cancel", ["POST"], self.cancel),
             ("/tasks", ["GET"], self.tasks),
+            ("/tasks/delegate", ["POST"], self.delegate_many),
+            ("/tasks/wait", ["POST"], self.wait_many),
             ("/workers", ["GET"], self.workers),
             ("/metrics", ["GET"], self.metrics),
         ]
@@ -409,17 +422,9 @@ class RestApi:
         return JSONResponse(document, status_code=503 if document["status"] == "down" else 200)
 
     async def delegate(self, request: Request) -> Response:
-        body = await _json_object(request)
-        unknown = sorted(set(body) - set(DELEGATE_FIELDS))
-        if unknown:
-            raise ApiError(422, f"unknown field(s) {', '.join(unknown)}; /task/delegate accepts "
-                                f"{', '.join(DELEGATE_FIELDS)}", field=unknown[0])
-        if "prompt" not in body:
-            raise ApiError(422, "prompt is required: everything the local model needs",
-                           field="prompt")
-        task_request = self.service.validate(
-            body["prompt"], body.get("type", "general"), body.get("priority", 5),
-            body.get("timeout_s"), body.get("idempotency_key"))
+        body = _fields(await _json_object(request), DELEGATE_FIELDS, "prompt", request)
+        fields = {k: v for k, v in body.items() if k not in ("sync", "wait_s")}
+        task_request = await self.service.prepare(fields)
         sync = body.get("sync", False)
         if not isinstance(sync, bool):
             raise ApiError(422, f"sync must be true or false, got {_json(sync)}", field="sync")
@@ -436,21 +441,24 @@ class RestApi:
         if limit is None:
             result = await self.service.submit(task_request)
             return JSONResponse(result.model_dump(mode="json"))
-        answer: Response = Response(status_code=499)  # nobody is left to read it
-        async with anyio.create_task_group() as tg:
-            async def watch() -> None:
-                # the body is read, so the next message is the client going away
-                while (await request.receive())["type"] != "http.disconnect":
-                    pass
-                log.info("the client left during a sync wait; stopped waiting (the task "
-                         "stays queued)")
-                tg.cancel_scope.cancel()
+        return await _unless_gone(request, lambda: self.service.submit(task_request,
+                                                                       wait_s=limit))
 
-            tg.start_soon(watch)
-            result = await self.service.submit(task_request, wait_s=limit)
-            answer = JSONResponse(result.model_dump(mode="json"))
-            tg.cancel_scope.cancel()
-        return answer
+    async def delegate_many(self, request: Request) -> Response:
+        """``{"tasks": [...]}``: all stored, or none (422 with the index of the first bad)."""
+        body = _fields(await _json_object(request), ("tasks",), "tasks", request)
+        self.service.require_store()
+        results = await self.service.submit_many(await self.service.prepare_batch(body["tasks"]))
+        return JSONResponse({"task_ids": [r.task_id for r in results],
+                             "tasks": [r.model_dump(mode="json") for r in results]})
+
+    async def wait_many(self, request: Request) -> Response:
+        """``{"task_ids": [...], "mode": "all"|"any", "wait_s": N}``: the wait_tasks tool."""
+        body = _fields(await _json_object(request), ("task_ids", "mode", "wait_s"), "task_ids",
+                       request)
+        self.service.require_store()
+        return await _unless_gone(request, lambda: self.service.wait_many(
+            body["task_ids"], body.get("mode", "all"), body.get("wait_s")))
 
     async def status(self, request: Request) -> Response:
         params = _query(request, ("include_prompt",))
@@ -491,6 +499,46 @@ class RestApi:
         body, content_type = await anyio.to_thread.run_sync(
             render, self._registry, request.headers.get("accept"))
         return Response(body, headers={"Content-Type": content_type})
+
+
+def _fields(body: dict[str, Any], accepted: tuple[str, ...], required: str,
+            request: Request) -> dict[str, Any]:
+    """``body`` when it has only ``accepted`` fields and the ``required`` one."""
+    unknown = sorted(set(body) - set(accepted))
+    if unknown:
+        raise ApiError(422, f"unknown field(s) {', '.join(unknown)}; {request.url.path} "
+                            f"accepts {', '.join(accepted)}", field=unknown[0])
+    if required not in body:
+        what = "everything the local model needs" if required == "prompt" else "see docs/http.md"
+        raise ApiError(422, f"{required} is required: {what}", field=required)
+    return body
+
+
+async def _unless_gone(request: Request, wait: Callable[[], Awaitable[Any]]) -> Response:
+    """The JSON of what ``wait`` returns; a client that goes away meanwhile stops the wait
+    (the tasks stay queued) and gets nothing."""
+    answer: Response = Response(status_code=499)  # nobody is left to read it
+    failed: ServiceError | None = None
+    async with anyio.create_task_group() as tg:
+        async def watch() -> None:
+            # the body is read, so the next message is the client going away
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            log.info("the client left during a wait; stopped waiting (the tasks go on)")
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            result = await wait()
+            data = result.as_json() if hasattr(result, "as_json") else \
+                result.model_dump(mode="json")
+            answer = JSONResponse(data)
+        except ServiceError as exc:  # raised out here, not wrapped in the group's exceptions
+            failed = exc
+        tg.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
+    return answer
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

@@ -476,3 +476,62 @@ def test_load_test_with_a_token_sends_it_and_fails_clearly_without(
         ok = koubou(e2e_settings, "load-test", "-n", "2", "--url", server.url, "--timeout",
                     "60", env={"KOUBOU_HTTP_TOKEN": TOKEN})
         assert ok.returncode == 0, ok.stderr
+
+
+# -- delegation: files, batches, waits --------------------------------------------------------
+
+def test_the_rest_api_fans_out_a_batch_with_files_and_waits_for_all_of_it(
+    e2e_settings: Settings, leftovers: Leftovers, fake_ollama: FakeOllama,
+) -> None:
+    (e2e_settings.workdir / "notes.txt").write_text("remember the milk\n")
+    schema = {"type": "object", "properties": {"item": {"type": "string"}}, "required": ["item"]}
+    with http_server(e2e_settings, leftovers) as server, server.client() as http:
+        reply = http.post("/tasks/delegate", json={"tasks": [
+            {"prompt": "what to buy?", "files": ["notes.txt"]},
+            {"prompt": "as data", "output_schema": schema, "options": {"seed": 1}},
+        ]})
+        assert reply.status_code == 200, reply.text
+        ids = reply.json()["task_ids"]
+        assert [t["workdir"] for t in reply.json()["tasks"]] == [
+            str(e2e_settings.workdir.resolve())] * 2
+        waited = http.post("/tasks/wait", json={"task_ids": ids, "mode": "all", "wait_s": 30})
+        assert waited.status_code == 200, waited.text
+        out = waited.json()
+        assert out["done"] and out["ended"] == ids
+        first, second = out["tasks"]
+        assert "remember the milk" in first["result"] and first["files"] == ["notes.txt"]
+        assert second["result_json"] == {"item": "echo: as data"}
+        single = http.post("/task/delegate", json={"prompt": "one", "sync": True, "wait_s": 30,
+                                                   "files": ["notes.txt"]}).json()
+        assert single["status"] == "completed" and "remember the milk" in single["result"]
+    assert any(c["format"] == schema for c in fake_ollama.stats()["calls"])
+
+
+def test_bad_batches_and_waits_get_422_or_404_and_nothing_is_queued(
+    shared_server: HttpServer,
+) -> None:
+    with shared_server.client() as http:
+        cases: list[tuple[str, dict[str, Any], int, str, str]] = [
+            ("/tasks/delegate", {"tasks": [{"prompt": "ok"}, {"prompt": "x", "files": ["/etc/passwd"]}]},
+             422, "tasks[1].files", "outside the task's workdir"),
+            ("/tasks/delegate", {"tasks": [{"prompt": "ok"}, {"prompt": "x", "model": "nope"}]},
+             422, "tasks[1].model", "the models that work: gpt-oss:20b"),
+            ("/tasks/delegate", {"tasks": []}, 422, "tasks", "non-empty list"),
+            ("/tasks/delegate", {}, 422, "tasks", "tasks is required"),
+            ("/tasks/delegate", {"tasks": [{"prompt": "x"}], "sync": True}, 422, "sync",
+             "unknown field(s) sync"),
+            ("/task/delegate", {"prompt": "x", "workdir": "rel"}, 422, "workdir", "absolute path"),
+            ("/task/delegate", {"prompt": "x", "options": {"mirostat": 2}}, 422, "options",
+             "unknown key(s) mirostat"),
+            ("/tasks/wait", {"task_ids": ["task_nope"]}, 404, "", "no task with id 'task_nope'"),
+            ("/tasks/wait", {"task_ids": ["t"], "mode": "most"}, 422, "mode", 'mode must be "all"'),
+            ("/tasks/wait", {"mode": "all"}, 422, "task_ids", "task_ids is required"),
+        ]
+        for path, body, status, field, says in cases:
+            reply = http.post(path, json=body)
+            assert reply.status_code == status, (path, body, reply.text)
+            assert says in reply.json()["error"], (body, reply.json())
+            assert reply.json().get("field", "") == field, (body, reply.json())
+        bad = http.post("/tasks/delegate", json={"tasks": [{"prompt": "a"}, {"prompt": ""}]})
+        assert bad.json()["index"] == 1
+        assert sum(http.get("/tasks").json()["counts"].values()) == 0
