@@ -47,7 +47,7 @@ from koubou_mcp.config import Settings
 from tests.support.env import child_env
 from tests.support.jsonrpc import rpc_line
 from tests.support.processes import koubou_command
-from tests.support.procfs import kill_workers, worker_processes
+from tests.support.procfs import kill_pools_and_workers, pool_processes, worker_processes
 from tests.support.waiting import wait_until
 
 NAME = "mcp_stdio"
@@ -71,11 +71,12 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _reap_workers(home: Path) -> None:
-    """Workers leave by themselves once the server is gone; make sure of it."""
-    try:
-        wait_until(lambda: not worker_processes(home), timeout=10.0, message="the workers to exit")
-    except TimeoutError:
-        kill_workers(home)
+    """The server's background pool outlives it by design (until idle with no server for
+    KOUBOU_POOL_LINGER): stop it and its workers, so that the next run starts cold and nothing
+    is left behind."""
+    kill_pools_and_workers(home)
+    wait_until(lambda: not worker_processes(home) and not pool_processes(home), timeout=10.0,
+               message="the pool and its workers to be gone")
 
 
 def time_start(argv: Sequence[str], env: dict[str, str], *, mcp: bool) -> tuple[float, float]:

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from koubou_mcp.config import Settings
 from koubou_mcp.home import is_own_marker, open_private
-from koubou_mcp.leader import lock_is_held, read_holder
+from koubou_mcp.leader import lock_is_held, read_holder, read_state
 from koubou_mcp.processes import describe_exit, launch_pool, process_alive
 
 log = logging.getLogger("koubou_mcp.attachment")
@@ -281,6 +281,12 @@ class PoolLink:
         }
         if lock_is_held(self.run_dir):
             holder = read_holder(self.run_dir)
+            state = read_state(self.run_dir, holder.pid) if holder else None
+            # what the pool said last: its workers, start-up failures, decisions, errors
+            data.update({k: v for k, v in (state or {}).items()
+                         if k in ("workers", "managed", "crash_loop", "last_decision",
+                                  "last_change", "scaling", "last_tick", "last_error",
+                                  "stopping")})
             data.update(running=True, pid=holder.pid if holder else None,
                         role=holder.role if holder else None,
                         detached=holder is not None and holder.role == "detached")

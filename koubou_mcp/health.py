@@ -328,6 +328,12 @@ def _check_attached(settings: Settings, link: Mapping[str, Any]) -> Check:
     if link.get("starting"):
         return Check("supervisor", True, f"starting: a background pool, pid {link.get('pid')} "
                      f"({attached})", data=data)
+    crash = link.get("crash_loop") or {}
+    if link.get("running") and crash.get("active"):
+        return Check("supervisor", False, "workers keep failing at start-up",
+                     reason=str(crash.get("last_failure")),
+                     fix="read the worker log it names; `koubou-mcp doctor` checks the setup",
+                     data=data)
     if link.get("running"):
         return Check("supervisor", True, f"run by {describe_holder(link.get('role'), link.get('pid'))}"
                      f"; {attached}", data=data)

@@ -2,7 +2,9 @@
 
 The leader holds an exclusive ``flock`` on ``run/supervisor.lock`` (the kernel releases it when
 the process dies, however it dies) and names itself in ``run/supervisor.pid``: its pid and its
-role (``pool`` for ``koubou-mcp pool``, ``server`` for a pool hosted by the MCP server). Anyone
+role (``pool`` for ``koubou-mcp pool``, ``detached`` for the background pool a server starts,
+``server`` for a pool hosted in a thread); in ``run/supervisor.json`` it publishes its health
+for the servers attached to it, which run in other processes. Anyone
 may ask whether the lock is held and by whom without taking it; health checks and
 ``koubou-mcp stop`` do, which is why this module stays light (no store, no supervisor).
 """
@@ -11,14 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from koubou_mcp.home import UnsafeHome, open_private
 
 LOCK_FILE = "supervisor.lock"
 PID_FILE = "supervisor.pid"
+#: what the leading supervisor last said about itself (its health), for other processes
+STATE_FILE = "supervisor.json"
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,17 @@ class LeaderLock:
             f.write(f"{os.getpid()}\n{role}\n")
         os.replace(tmp, self.pid_path)
 
+    def publish(self, state: dict[str, Any]) -> None:
+        """Record ``state`` (JSON-able: the supervisor's health) for servers attached to this
+        pool, which run in other processes. Leader only; written aside and renamed."""
+        if self._fd is None:
+            return
+        tmp = self.run_dir / f".{STATE_FILE}.{os.getpid()}.tmp"
+        tmp_fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(tmp_fd, "w") as f:
+            json.dump(state, f, default=str)
+        os.replace(tmp, self.run_dir / STATE_FILE)
+
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
@@ -85,6 +102,8 @@ class LeaderLock:
         if holder is not None and holder.pid == os.getpid():
             with contextlib.suppress(FileNotFoundError):
                 self.pid_path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                (self.run_dir / STATE_FILE).unlink()
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
@@ -99,6 +118,19 @@ def read_holder(run_dir: Path) -> Holder | None:
         return Holder(int(lines[0]), lines[1] if len(lines) > 1 else "pool")
     except (OSError, ValueError, IndexError):  # UnsafeHome is an OSError
         return None
+
+
+def read_state(run_dir: Path, pid: int) -> dict[str, Any] | None:
+    """What the supervisor ``pid`` last published (``LeaderLock.publish``), or None when
+    there is no such record of ours, or it is another supervisor's (an older one's)."""
+    try:
+        with os.fdopen(open_private(run_dir / STATE_FILE, os.O_RDONLY)) as f:
+            state = json.loads(f.read(1_000_000))
+    except (OSError, ValueError):  # UnsafeHome is an OSError
+        return None
+    if not isinstance(state, dict) or state.get("pid") != pid:
+        return None
+    return state
 
 
 def lock_is_held(run_dir: Path) -> bool:
@@ -116,4 +148,5 @@ def lock_is_held(run_dir: Path) -> bool:
     return False
 
 
-__all__ = ["LOCK_FILE", "PID_FILE", "Holder", "LeaderLock", "lock_is_held", "read_holder"]
+__all__ = ["LOCK_FILE", "PID_FILE", "STATE_FILE", "Holder", "LeaderLock", "lock_is_held",
+           "read_holder", "read_state"]

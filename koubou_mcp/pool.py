@@ -39,6 +39,8 @@ from koubou_mcp.wakeup import Listener, SelfPipe
 
 #: how often a background pool looks whether it still has work or an attached server, s
 LINGER_CHECK_S = 1.0
+#: how often the leading supervisor publishes its health for the servers attached to it, s
+PUBLISH_S = 1.0
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -165,6 +167,7 @@ class PoolRunner:
         self.stand_by = stand_by
         self.wall_clock = wall_clock
         self._next_linger_check: datetime | None = None
+        self._next_publish: datetime | None = None
         self._attached: int | None = None
         self._stop_requests = 0
         self._force = False
@@ -295,6 +298,20 @@ class PoolRunner:
             if message != sup.last_error:
                 sup.last_error = message
                 sup.log.exception("supervisor tick failed; trying again")
+        self._publish()
+
+    def _publish(self) -> None:
+        """Every ``PUBLISH_S``: the supervisor's health, for attached servers to show (they
+        run in other processes)."""
+        now = self.clock()
+        if self._next_publish is not None and now < self._next_publish:
+            return
+        self._next_publish = now + timedelta(seconds=PUBLISH_S)
+        sup = self.supervisor
+        try:
+            sup.leader_lock.publish({**sup.health(), "last_error": sup.last_error})
+        except OSError as exc:  # only the servers' view suffers; the pool goes on
+            sup.log.warning("cannot publish the pool's health: %s", exc)
 
     def _sleep(self, timeout_s: float) -> bool:
         """Wait for new work, a stop request or the timeout; True when woken early."""

@@ -142,6 +142,9 @@ def test_a_second_server_attaches_to_the_pool_and_the_pool_stays_when_both_are_g
     assert sorted(supervisor["attached_servers"]) == sorted([first.pid, second.pid])
     done = second.delegate("via the second", sync=True, wait_s=30)
     assert (done["status"], done["result"]) == ("completed", "echo: via the second")
+    published = wait_until(lambda: second.health()["supervisor"].get("workers"), timeout=10,
+                           message="the pool's own account of its workers")
+    assert published["total"] >= 1, "the pool publishes its workers for attached servers"
     doctor = run_cli(e2e_settings, "doctor")
     assert f"a background pool, pid {pool.pid} (detached" in doctor.stdout, doctor.stdout
     top = run_cli(e2e_settings, "top", "--once")

@@ -397,8 +397,10 @@ def test_metrics_parse_and_move_when_tasks_run(
                    message="the pool's first worker")
         before = metric_values(http.get("/metrics").text)
         assert before[("koubou_store_up", ())] == 1
-        # the pool runs in a background process of its own, not in the server
+        # the pool runs in a background process of its own, not in the server; its scaling
+        # counters come from what it publishes
         assert before[("koubou_pool_leader", ())] == 0
+        assert before[("koubou_pool_scale_events_total", (("direction", "up"),))] >= 1
         assert before[("koubou_tasks", (("status", "completed"),))] == 0
         assert ("koubou_task_duration_seconds_count",
                 (("status", "completed"), ("type", "general"))) not in before

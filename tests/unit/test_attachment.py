@@ -247,3 +247,33 @@ def test_top_and_health_say_where_the_pool_runs_and_who_is_attached(settings: Se
     document = check_supervisor(settings, None).as_dict()
     assert document["role"] == "detached" and document["detached"] is True
     assert f"a background pool, pid {os.getpid()}" in document["summary"]
+
+
+def test_an_attached_server_shows_what_the_pool_published_and_its_start_up_failures(
+    link: PoolLink, launches: Launches, lock: LeaderLock, settings: Settings
+) -> None:
+    assert lock.acquire("detached")
+    link.start()
+    lock.publish({"pid": os.getpid(), "workers": {"total": 2, "busy": 1},
+                  "crash_loop": {"active": True, "last_failure": "worker w1 exited with code 3"},
+                  "scaling": {"up_events": 4}, "unrelated": "not copied"})
+    health = link.health()
+    assert health["workers"] == {"total": 2, "busy": 1} and health["scaling"]["up_events"] == 4
+    assert "unrelated" not in health
+    check = check_supervisor(settings, health)
+    assert not check.ok and "exited with code 3" in str(check.reason)
+
+
+def test_a_record_published_by_another_pid_is_not_taken_for_the_leaders(
+    lock: LeaderLock, settings: Settings
+) -> None:
+    from koubou_mcp.leader import read_state
+
+    assert lock.acquire("detached")
+    lock.publish({"pid": os.getpid() + 1, "workers": {"total": 9}})
+    assert read_state(settings.run_dir, os.getpid()) is None
+    lock.publish({"pid": os.getpid(), "workers": {"total": 1}})
+    assert read_state(settings.run_dir, os.getpid()) == {"pid": os.getpid(),
+                                                         "workers": {"total": 1}}
+    lock.release()
+    assert read_state(settings.run_dir, os.getpid()) is None, "released with the lock"
