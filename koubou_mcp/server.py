@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field, ValidationError
 from koubou_mcp import __version__, queue
 from koubou_mcp.config import PRIORITY_MAX, PRIORITY_MIN, Settings
 from koubou_mcp.models import TaskStatus
+from koubou_mcp.prompts import PROMPTS
 from koubou_mcp.results import StatusName, TaskTypeName, WaitResult
 from koubou_mcp.service import (
     MAX_BATCH_TASKS,
@@ -456,6 +457,9 @@ def build_server(settings: Settings, *, pool: bool = True,
     for name, (fn, title, annotations) in TOOLS.items():
         server.add_tool(_with_settings(fn, settings), name=name, title=title,
                         description=tool_description(fn), annotations=annotations)
+    for name, (prompt_fn, title) in PROMPTS.items():
+        server.prompt(name=name, title=title,
+                      description=tool_description(prompt_fn))(prompt_fn)
     server.resource("koubou://health", name="health", mime_type="application/json",
                     title="koubou health",
                     description="ok/degraded/down; database, pool and workers, queue depth, "
