@@ -142,10 +142,10 @@ class Store:
         conn.execute(NOTIFY)
         return True
 
-    def notify_new_work(self) -> None:
-        """Wake idle workers and supervisors: something became claimable."""
+    def notify_new_work(self, count: int = 1) -> None:
+        """Wake ``count`` idle workers, and the supervisors: something became claimable."""
         try:
-            self.wakeup.notify()
+            self.wakeup.notify(count)
         except OSError as exc:  # a wake-up is an optimisation; polling is the safety net
             log.debug("wake-up failed: %s", exc)
 

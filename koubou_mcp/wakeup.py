@@ -4,10 +4,17 @@ Polling the database every few milliseconds would make dispatch fast but burn CP
 polling every second keeps the CPU quiet but adds up to a second of latency. Instead each idle
 waiter blocks on a wake-up channel and polls only as a safety net (wake-ups can be lost):
 
-* SQLite (one machine): each waiter owns a named pipe (FIFO) under ``$KOUBOU_HOME/run/wake/``;
-  ``notify`` writes one byte into every pipe. A pipe nobody reads any more is removed.
-* PostgreSQL (many machines): ``LISTEN``/``NOTIFY`` on one channel. The two statements come
-  from ``store`` (only the store and the queue write SQL); this module only runs them.
+* SQLite (one machine), under ``$KOUBOU_HOME/run/wake/``: workers share one named pipe,
+  ``work.pipe``, and ``notify(count)`` writes ``count`` bytes into it. Each byte is read by
+  exactly one idle worker (a non-blocking one-byte read; the others find the pipe empty and
+  go back to sleep), so a new task wakes one worker, not all of them, and each woken worker
+  runs a claim that can succeed. A byte nobody was idle to read stays in the pipe and costs a
+  later idle worker one claim. Waiters that must see every notification (the supervisor,
+  which scales on new work) own a pipe each (``<name>.fifo``) and get one byte per notify; a
+  pipe nobody reads any more is removed. Pokes (stop, cancel) go to a waiter's own pipe.
+* PostgreSQL (many machines): ``LISTEN``/``NOTIFY`` on one channel (every listener wakes).
+  The two statements come from ``store`` (only the store and the queue write SQL); this
+  module only runs them.
 """
 
 from __future__ import annotations
@@ -42,34 +49,73 @@ class Listener(Protocol):
 
 
 class Wakeup(Protocol):
-    def notify(self) -> None:
-        """Wake every listener."""
+    def notify(self, count: int = 1) -> None:
+        """Wake ``count`` of the listeners that share the work (``one_of_many``) and every
+        other listener."""
         ...
 
-    def listen(self, name: str) -> Listener: ...
+    def listen(self, name: str, *, one_of_many: bool = False) -> Listener:
+        """A listener. With ``one_of_many`` it shares the wake-ups with the other such
+        listeners (each notification wakes one of them) where the store can do that."""
+        ...
+
+
+def _open_fifo(path: Path) -> int:
+    """A named pipe at ``path`` (made if missing), opened for reading without blocking."""
+    try:
+        os.mkfifo(path, 0o600)
+    except FileExistsError:
+        if not stat.S_ISFIFO(os.lstat(path).st_mode):
+            raise RuntimeError(f"{path} exists and is not a pipe") from None
+    # O_RDWR: the pipe always has a writer (us), so select never reports a spurious EOF.
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW)
 
 
 class FifoListener:
-    def __init__(self, path: Path) -> None:
+    """One waiter: its own pipe (a named one under ``path``, or with ``shared`` an anonymous
+    one, for pokes only) and, with ``shared``, the pipe it shares with the other workers."""
+
+    def __init__(self, path: Path, shared: Path | None = None) -> None:
         self.path = path
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        os.mkfifo(path, 0o600)
-        # O_RDWR: the pipe always has a writer (us), so select never reports a spurious EOF.
-        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        self._shared_fd: int | None = None
+        self._poke_w: int | None = None
+        if shared is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            self._fd = _open_fifo(path)
+        else:
+            self._fd, self._poke_w = os.pipe()
+            os.set_blocking(self._fd, False)
+            os.set_blocking(self._poke_w, False)
+            self._shared_fd = _open_fifo(shared)
 
     def fileno(self) -> int:
         return self._fd
 
     def wait(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        fds = [self._fd] if self._shared_fd is None else [self._fd, self._shared_fd]
+        while True:
+            try:
+                ready, _, _ = select.select(fds, [], [], max(deadline - time.monotonic(), 0.0))
+            except InterruptedError:
+                return False
+            if not ready:
+                return False
+            if self._fd in ready:
+                self.drain()
+                return True
+            if self._take_one():
+                return True
+            # another worker took that wake-up first: sleep on
+
+    def _take_one(self) -> bool:
+        """Read one byte of the shared pipe: this worker takes one notification."""
+        assert self._shared_fd is not None
         try:
-            ready, _, _ = select.select([self._fd], [], [], max(timeout_s, 0.0))
-        except InterruptedError:
-            ready = []
-        if ready:
-            self.drain()
-            return True
-        return False
+            return bool(os.read(self._shared_fd, 1))
+        except (BlockingIOError, InterruptedError):
+            return False
 
     def drain(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
@@ -78,49 +124,60 @@ class FifoListener:
 
     def poke(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._fd, b"!")
+            os.write(self._fd if self._poke_w is None else self._poke_w, b"!")
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for fd in (self._fd, self._poke_w, self._shared_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        if self._shared_fd is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 class FifoWakeup:
     """Wake-ups through named pipes in one directory (same machine only)."""
 
+    #: the pipe the workers share (not ``*.fifo``: it gets ``count`` bytes, not one)
+    SHARED = "work.pipe"
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    def notify(self) -> None:
+    def notify(self, count: int = 1) -> None:
         try:
             entries = list(os.scandir(self.directory))
         except FileNotFoundError:
             return
         for entry in entries:
-            if not entry.name.endswith(".fifo"):
-                continue
-            try:
-                fd = os.open(entry.path, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # nobody reads it: its owner is gone
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
-                continue
-            try:
-                os.write(fd, b"w")
-            except BlockingIOError:
-                pass  # the pipe is full of wake-ups already
-            finally:
-                os.close(fd)
+            if entry.name == self.SHARED:
+                self._write(entry.path, b"w" * max(count, 1), remove_unread=False)
+            elif entry.name.endswith(".fifo"):
+                self._write(entry.path, b"w", remove_unread=True)
 
-    def listen(self, name: str) -> FifoListener:
+    @staticmethod
+    def _write(path: str, data: bytes, *, remove_unread: bool) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except OSError as exc:
+            # ENXIO: nobody reads it. A waiter's own pipe then belongs to a dead owner; the
+            # shared one just has no worker right now (the next one opens it again).
+            if exc.errno == errno.ENXIO and remove_unread:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            return
+        try:
+            os.write(fd, data)
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+        finally:
+            os.close(fd)
+
+    def listen(self, name: str, *, one_of_many: bool = False) -> FifoListener:
         make_private_dir(self.directory)
         path = self.directory / f"{name}.fifo"
-        if path.exists() and not stat.S_ISFIFO(path.stat().st_mode):
-            raise RuntimeError(f"{path} exists and is not a pipe")
-        return FifoListener(path)
+        return FifoListener(path, self.directory / self.SHARED if one_of_many else None)
 
 
 class PostgresListener:
@@ -257,12 +314,13 @@ class PostgresWakeup:
         self._notify = notify
         self._listen = listen
 
-    def notify(self) -> None:
+    def notify(self, count: int = 1) -> None:
+        # NOTIFY reaches every listener; waking only ``count`` of them is not done here yet
         with self.engine.connect() as conn:
             conn.execute(self._notify)
             conn.commit()
 
-    def listen(self, name: str) -> PostgresListener:
+    def listen(self, name: str, *, one_of_many: bool = False) -> PostgresListener:
         return PostgresListener(self.engine, self._listen)
 
 

@@ -142,7 +142,8 @@ class Worker:
         self.stop_state = StopState()
         self.current: _Run | None = None
         self.tasks_done = 0
-        self._listener = store.wakeup.listen(worker_id)
+        # one_of_many: a new task wakes one idle worker, not every one (where the store can)
+        self._listener = store.wakeup.listen(worker_id, one_of_many=True)
         self._rng = random.Random()
         self.model_url = settings.ollama_url
         self._busy_streak = 0

@@ -46,9 +46,10 @@ def enqueue_many(store: Store, requests: Sequence[TaskRequest], settings: Settin
     with store.write() as conn:
         for request in requests:
             out.append(_insert(conn, store, request, settings, now))
-        notified = store.notify_within(conn) if any(e.created for e in out) else True
+        created = sum(1 for e in out if e.created)
+        notified = store.notify_within(conn) if created else True
     if not notified:
-        store.notify_new_work()
+        store.notify_new_work(created)  # one worker per new task
     return out
 
 

@@ -14,7 +14,7 @@ from koubou_mcp import queue
 from koubou_mcp.config import Settings
 from koubou_mcp.models import utcnow
 from koubou_mcp.store import Store, open_store
-from koubou_mcp.wakeup import FifoWakeup, PostgresListener, SelfPipe
+from koubou_mcp.wakeup import FifoListener, FifoWakeup, PostgresListener, SelfPipe
 from tests.support.waiting import wait_until
 
 
@@ -123,3 +123,55 @@ def test_a_listener_whose_connection_is_killed_polls_then_reconnects_and_wakes_a
     finally:
         listener.close()
         store.close()
+
+
+def _wait_all(listeners: list[FifoListener], timeout_s: float) -> list[bool]:
+    """Every listener waits once, at the same time, in a thread of its own; who woke."""
+    woke = [False] * len(listeners)
+    started = threading.Barrier(len(listeners) + 1)
+
+    def wait(i: int) -> None:
+        started.wait()
+        woke[i] = listeners[i].wait(timeout_s)
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in range(len(listeners))]
+    for t in threads:
+        t.start()
+    started.wait()
+    for t in threads:
+        t.join(timeout=timeout_s + 10)
+        assert not t.is_alive()
+    return woke
+
+
+def test_each_new_task_wakes_one_idle_worker_and_every_supervisor(tmp_path: Path) -> None:
+    wakeup = FifoWakeup(tmp_path / "wake")
+    workers = [wakeup.listen(f"w{i}", one_of_many=True) for i in range(4)]
+    supervisor = wakeup.listen("supervisor")
+    try:
+        for count in (1, 3):
+            # the notification goes out while all of them wait
+            threading.Timer(0.2, wakeup.notify, args=(count,)).start()
+            woke = _wait_all([*workers, supervisor], timeout_s=2.0)
+            assert sum(woke[:4]) == count, woke
+            assert woke[4], "the supervisor sees every notification"
+    finally:
+        for listener in [*workers, supervisor]:
+            listener.close()
+
+
+def test_a_wake_up_nobody_was_idle_for_waits_in_the_pipe_for_the_next_idle_worker(
+    tmp_path: Path,
+) -> None:
+    wakeup = FifoWakeup(tmp_path / "wake")
+    first, second = (wakeup.listen(n, one_of_many=True) for n in ("busy-1", "busy-2"))
+    try:
+        wakeup.notify(2)  # both busy: nobody waits right now
+        assert first.wait(0) and second.wait(0), "each takes one of the two"
+        assert not first.wait(0.05) and not second.wait(0.05), "and no more"
+        first.poke()
+        assert first.wait(1) and not second.wait(0.05), "a poke wakes only its own waiter"
+    finally:
+        first.close()
+        second.close()
+    assert sorted(p.name for p in (tmp_path / "wake").iterdir()) == ["work.pipe"]
