@@ -8,7 +8,6 @@ No business logic lives here. Exit codes: 0 success; 1 a failed task or a runtim
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
@@ -18,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -34,11 +34,14 @@ from koubou_mcp.leader import LOCK_FILE, PID_FILE, lock_is_held, read_holder
 from koubou_mcp.models import FINAL_STATUSES, TaskStatus, utcnow
 from koubou_mcp.processes import process_cmdline, wait_gone
 from koubou_mcp.store import Store, StoreError, open_store
+from koubou_mcp.terminal_text import safe_json, safe_text
 from koubou_mcp.throttle import RepeatFilter
 
 log = logging.getLogger("koubou_mcp")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: what a shell reports for a command killed by SIGPIPE (128 + 13)
+EXIT_BROKEN_PIPE = 141
 
 
 class UsageError(Exception):
@@ -110,7 +113,7 @@ def setup_logging(settings: Settings, logfile: Path | None, *, stderr_level: int
 
 
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, ensure_ascii=False, indent=None))
+    print(safe_json(data))
 
 
 def _describe_task(record: dict[str, Any]) -> str:
@@ -125,7 +128,7 @@ def _describe_task(record: dict[str, Any]) -> str:
     if record.get("result") is not None:
         lines.append("result:")
         lines.append(record["result"])
-    return "\n".join(lines)
+    return safe_text("\n".join(lines))  # a result may carry escape sequences
 
 
 def _read_prompt(arg: str) -> str:
@@ -154,6 +157,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     with _opened(settings) as store:
         enqueued = queue.enqueue(store, request, settings, utcnow())
         task = enqueued.task
+        if args.wait and not _something_runs_tasks(settings, store):
+            print(f"koubou-mcp: {task.task_id} is queued, but no pool or worker runs for "
+                  f"{settings.home} to run it. Start one (`koubou-mcp pool`, or a "
+                  f"`koubou-mcp serve`), then `koubou-mcp status {task.task_id}`",
+                  file=sys.stderr, flush=True)
+            if args.wait_timeout is None:  # it would wait for ever
+                record = service.TaskRecord.of(task, include_prompt=False).as_json()
+                _print_json(record) if args.json else print(task.task_id)
+                return EXIT_FAILED
         if args.wait:
             deadline = None if args.wait_timeout is None else time.monotonic() + args.wait_timeout
             while task.status not in FINAL_STATUSES:
@@ -171,6 +183,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.wait and task.status != TaskStatus.COMPLETED.value:
             return EXIT_FAILED
         return EXIT_OK
+
+
+def _something_runs_tasks(settings: Settings, store: Store) -> bool:
+    """Whether a pool holds this home's leader lock or a worker heartbeated within a lease."""
+    if lock_is_held(settings.run_dir):
+        return True
+    cutoff = utcnow() - timedelta(seconds=settings.lease_s)
+    return any(w.last_heartbeat is not None and w.last_heartbeat >= cutoff
+               for w in queue.list_workers(store))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -200,7 +221,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         tasks = queue.list_tasks(store, args.status, args.limit)
         counts = queue.counts_by_status(store)
         for t in tasks:
-            preview = " ".join(t.prompt.split())[:60]
+            preview = safe_text(" ".join(t.prompt.split())[:60])
             print(f"{t.task_id}  {t.status:<11}  {t.type:<7}  p{t.priority:<2}  {preview}")
         print("  ".join(f"{k}: {v}" for k, v in counts.items()))
         return EXIT_OK
@@ -430,7 +451,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def _fail(code: int, message: str) -> NoReturn:
-    print(f"koubou-mcp: error: {message}", file=sys.stderr)
+    print(f"koubou-mcp: error: {safe_text(message)}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -442,6 +463,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # the reader went away (`koubou-mcp tasks | head`): stop quietly, as `yes | head`
+        # does; stdout goes to /dev/null so that the interpreter's last flush cannot fail too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ConfigError as exc:
         _fail(EXIT_USAGE, f"{exc}")
     except UsageError as exc:

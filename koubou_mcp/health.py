@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -26,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from sqlalchemy.engine import make_url
 
 from koubou_mcp import __version__, queue
 from koubou_mcp.attachment import describe_holder
+from koubou_mcp.backends.base import PermanentBackendError
 from koubou_mcp.backends.codex import CodexBackend
 from koubou_mcp.backends.ollama import OllamaBackend, model_present
 from koubou_mcp.config import Settings
@@ -243,12 +246,53 @@ async def check_ollama(settings: Settings, *, timeout_s: float = OLLAMA_PROBE_TI
                  f"with {', '.join(wanted)}", data=data)
 
 
+#: How long one ``codex --version`` answer is reused: health may be asked often and at once
+#: (``/health`` under load), and a child process each time would cost more than the answer.
+CODEX_PROBE_CACHE_S = 60.0
+
+
+class _ProbeCache:
+    """``CodexBackend.probe`` answers by executable (its path and modification time, so an
+    upgrade is seen), reused for ``CODEX_PROBE_CACHE_S``; callers that ask while a probe runs
+    wait for that one instead of starting their own."""
+
+    def __init__(self) -> None:
+        self._answers: dict[tuple[str, int], tuple[float, dict[str, Any]]] = {}
+        self._running: dict[tuple[object, str, int], anyio.Event] = {}
+
+    async def probe(self, backend: CodexBackend) -> dict[str, Any]:
+        try:
+            path = backend.resolve_binary()
+            key = (path, os.stat(path).st_mtime_ns)
+        except (PermanentBackendError, OSError):
+            return await backend.probe()  # nothing to run: that answer is quick
+        while True:
+            cached = self._answers.get(key)
+            if cached is not None and time.monotonic() - cached[0] < CODEX_PROBE_CACHE_S:
+                return cached[1]
+            running = (anyio.lowlevel.current_token(), *key)  # an event serves one event loop
+            if running not in self._running:
+                break
+            await self._running[running].wait()
+        done = self._running[running] = anyio.Event()
+        try:
+            answer = await backend.probe()
+            self._answers[key] = (time.monotonic(), answer)
+            return answer
+        finally:
+            del self._running[running]
+            done.set()
+
+
+_CODEX_PROBES = _ProbeCache()
+
+
 async def check_codex(settings: Settings, *, timeout_s: float = CODEX_PROBE_TIMEOUT_S) -> Check:
     """The Codex CLI is installed and says its version. Optional: only ``code`` tasks need it."""
     backend = CodexBackend(settings.codex_bin, settings.code_model, settings.ollama_url,
                            settings.codex_sandbox, str(settings.workdir),
                            env=settings.codex_env, probe_timeout_s=timeout_s)
-    probe = await backend.probe()
+    probe = await _CODEX_PROBES.probe(backend)
     data = {"bin": settings.codex_bin, "found": probe["found"], "path": probe["path"],
             "version": probe["version"]}
     if not probe["found"]:  # the error says how to install it

@@ -294,3 +294,55 @@ def test_doctor_reports_a_read_only_database(e2e_settings: Settings) -> None:
         for path in home.rglob("*"):
             path.chmod(0o700 if path.is_dir() else 0o600)
         shutil.rmtree(home, ignore_errors=True)
+
+
+# -- hostile text, closed pipes, nothing to run the task ----------------------------------
+
+def test_escape_sequences_in_prompts_and_results_are_shown_not_sent_to_the_terminal(
+    e2e_settings: Settings,
+) -> None:
+    hostile = "hi \x1b]0;pwned\x07 \x1b[2J \x9b31m \u202eevil"
+    submitted = koubou(e2e_settings, "submit", hostile)
+    assert submitted.returncode == 0, submitted.stderr
+    task_id = submitted.stdout.strip()
+    for args in (("tasks",), ("status", task_id), ("status", task_id, "--json"),
+                 ("tasks", "--json")):
+        shown = koubou(e2e_settings, *args)
+        assert shown.returncode == 0, shown.stderr
+        assert not any(c in shown.stdout for c in "\x1b\x07\x9b\u202e"), (args, shown.stdout)
+    listing = koubou(e2e_settings, "tasks").stdout
+    assert "\\x1b]0;pwned\\x07" in listing and "\\u202eevil" in listing
+    record = json.loads(koubou(e2e_settings, "tasks", "--json").stdout)["tasks"][0]
+    assert "\x1b" not in json.dumps(record)
+
+
+def test_a_listing_piped_into_head_ends_quietly(e2e_settings: Settings) -> None:
+    from koubou_mcp import queue
+    from koubou_mcp.models import utcnow
+    from koubou_mcp.store import open_store
+
+    store = open_store(e2e_settings.database_url, e2e_settings.run_dir)
+    try:
+        for i in range(1000):  # far more than a pipe holds, so the writer meets a closed pipe
+            request = queue.validate_request(e2e_settings, f"task number {i} " + "x" * 80)
+            queue.enqueue(store, request, e2e_settings, utcnow())
+    finally:
+        store.close()
+    command = f"{koubou_command()} tasks --limit 1000 | head -n 1"
+    piped = subprocess.run(["bash", "-o", "pipefail", "-c", command], env=child_env(e2e_settings),
+                           capture_output=True, text=True, timeout=60, check=False,
+                           stdin=subprocess.DEVNULL)
+    assert len(piped.stdout.splitlines()) == 1
+    assert piped.stderr == "", piped.stderr
+    assert piped.returncode == 141, "as a command killed by SIGPIPE reports"
+
+
+def test_submit_wait_with_nothing_to_run_the_task_says_so_and_does_not_hang(
+    e2e_settings: Settings,
+) -> None:
+    result = koubou(e2e_settings, "submit", "nobody runs me", "--wait", timeout=30)
+    assert result.returncode == 1
+    task_id = result.stdout.strip()
+    assert task_id.startswith("task_")
+    assert f"{task_id} is queued, but no pool or worker runs" in result.stderr
+    assert "koubou-mcp pool" in result.stderr
