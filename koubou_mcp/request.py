@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
+from koubou_mcp import taskfields, taskfiles
 from koubou_mcp.config import PRIORITY_MAX, PRIORITY_MIN, Settings
 from koubou_mcp.models import TaskType
 
@@ -20,7 +21,12 @@ TASK_TYPES = tuple(t.value for t in TaskType)
 
 
 class InvalidTask(ValueError):
-    """Input a task cannot be made from. The message says what is wrong and what is accepted."""
+    """Input a task cannot be made from. The message says what is wrong and what is accepted;
+    ``field`` names the field (``prompt``, ``files``...)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def default_timeout_s(settings: Settings, task_type: str) -> float:
@@ -31,8 +37,8 @@ def default_timeout_s(settings: Settings, task_type: str) -> float:
 @dataclass(frozen=True)
 class TaskRequest:
     """A validated request for a new task (the fields after ``idempotency_key`` are checked by
-    the service with ``taskfiles`` and ``taskfields``: they need the file system and the
-    models Ollama lists)."""
+    :func:`validate_task` with ``taskfiles`` and ``taskfields``: they need the file system and
+    the models Ollama lists)."""
 
     prompt: str
     type: str
@@ -73,56 +79,82 @@ def validate_request(
     timeout_s: Any = None,
     idempotency_key: Any = None,
 ) -> TaskRequest:
-    """Check every field of a new task; raise InvalidTask naming the first bad one."""
+    """Check the fields every task has; raise InvalidTask naming the first bad one. (A task
+    with the delegation fields too: :func:`validate_task`.)"""
     if not isinstance(prompt, str):
-        raise InvalidTask(f"prompt must be a string, got {_type_name(prompt)}")
+        raise InvalidTask(f"prompt must be a string, got {_type_name(prompt)}", "prompt")
     if not prompt.strip():
-        raise InvalidTask("prompt must not be empty or only whitespace")
+        raise InvalidTask("prompt must not be empty or only whitespace", "prompt")
     if len(prompt) > settings.max_prompt_chars:
         raise InvalidTask(
             f"prompt is {len(prompt)} characters; the limit is {settings.max_prompt_chars} "
-            "(KOUBOU_MAX_PROMPT_CHARS). Split the work or send a file path instead."
+            "(KOUBOU_MAX_PROMPT_CHARS). Split the work or send a file path instead.", "prompt"
         )
     if "\x00" in prompt:
-        raise InvalidTask("prompt contains a NUL character (\\x00); remove it")
+        raise InvalidTask("prompt contains a NUL character (\\x00); remove it", "prompt")
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidTask("prompt is not valid Unicode text (lone surrogate characters)") from None
+        raise InvalidTask("prompt is not valid Unicode text (lone surrogate characters)", "prompt") from None
     if not isinstance(type, str) or type not in TASK_TYPES:
-        raise InvalidTask(f"type must be one of {', '.join(TASK_TYPES)}, got {type!r}")
+        raise InvalidTask(f"type must be one of {', '.join(TASK_TYPES)}, got {type!r}", "type")
     if isinstance(priority, bool) or not isinstance(priority, int):
         if isinstance(priority, float) and priority.is_integer():
             priority = int(priority)
         else:
             raise InvalidTask(
-                f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {priority!r}"
-            )
+                f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {priority!r}",
+                "priority")
     if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
         raise InvalidTask(
-            f"priority must be from {PRIORITY_MIN} (lowest) to {PRIORITY_MAX} (highest), got {priority}"
-        )
+            f"priority must be from {PRIORITY_MIN} (lowest) to {PRIORITY_MAX} (highest), got {priority}",
+            "priority")
     if timeout_s is None:
         timeout = default_timeout_s(settings, type)
     else:
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
-            raise InvalidTask(f"timeout_s must be a number of seconds, got {_type_name(timeout_s)}")
+            raise InvalidTask(f"timeout_s must be a number of seconds, got {_type_name(timeout_s)}",
+                              "timeout_s")
         timeout = float(timeout_s)
         if not math.isfinite(timeout) or timeout <= 0 or timeout > settings.max_timeout_s:
             raise InvalidTask(
                 f"timeout_s must be more than 0 and at most {settings.max_timeout_s:g} "
-                f"(KOUBOU_MAX_TIMEOUT), got {timeout_s!r}"
+                f"(KOUBOU_MAX_TIMEOUT), got {timeout_s!r}", "timeout_s"
             )
     key = idempotency_key
     if key is not None:
         if not isinstance(key, str) or not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY:
             raise InvalidTask(
                 f"idempotency_key must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY} "
-                f"characters, got {_short(key)}"
+                f"characters, got {_short(key)}", "idempotency_key"
             )
         if "\x00" in key or not key.isprintable():
-            raise InvalidTask("idempotency_key must be printable text")
+            raise InvalidTask("idempotency_key must be printable text", "idempotency_key")
     return TaskRequest(prompt, type, priority, timeout, key)
+
+
+def validate_task(settings: Settings, prompt: Any, type: Any = "general", priority: Any = 5,
+                  timeout_s: Any = None, idempotency_key: Any = None, *, workdir: Any = None,
+                  files: Any = None, model: Any = None, system: Any = None, options: Any = None,
+                  output_schema: Any = None,
+                  models: Callable[[], Sequence[str]] | None = None) -> TaskRequest:
+    """Check every field of a new task, the delegation fields too; raise InvalidTask naming the
+    first bad one. ``workdir`` defaults to ``settings.workdir`` (the delegating process's
+    directory); ``models`` gives the models a task may name (asked only when it names one).
+    Reads the files (to check them) and may ask Ollama for its models: blocking."""
+    request = validate_request(settings, prompt, type, priority, timeout_s, idempotency_key)
+    try:
+        directory = taskfiles.check_workdir(workdir, settings.workdir)
+        names = taskfiles.check_files(files, directory, settings.max_files_bytes)
+        chosen = None if model is None else taskfields.check_model(
+            model, (models or (lambda: [settings.general_model, settings.code_model]))())
+        system_prompt = taskfields.check_system(system, request.type, settings.max_prompt_chars)
+        chosen_options = taskfields.check_options(options, request.type)
+        schema = taskfields.check_output_schema(output_schema, request.type)
+    except (taskfiles.FileRefused, taskfields.InvalidField) as exc:
+        raise InvalidTask(str(exc), exc.field) from None
+    return replace(request, workdir=directory, files=names, model=chosen, system=system_prompt,
+                   options=chosen_options, output_schema=schema)
 
 
 def _type_name(value: Any) -> str:

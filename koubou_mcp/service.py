@@ -15,7 +15,6 @@ process runs the task.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -28,10 +27,11 @@ import anyio
 import anyio.to_thread
 from sqlalchemy.exc import SQLAlchemyError
 
-from koubou_mcp import health, queue, taskfields, taskfiles
+from koubou_mcp import health, queue
 from koubou_mcp.config import Settings
 from koubou_mcp.models import FINAL_STATUSES, TaskSnapshot, TaskStatus, WorkerStatus, utcnow
 from koubou_mcp.modelset import ModelSet
+from koubou_mcp.request import InvalidTask, validate_task
 from koubou_mcp.results import (
     WAIT_MODES,
     DelegateResult,
@@ -110,27 +110,11 @@ def validate(settings: Settings, prompt: Any, type: Any = "general", priority: A
     the models a task may name (asked only when it names one). Reads the files (to check
     them) and may ask Ollama for its models: call it off the event loop."""
     try:
-        request = queue.validate_request(settings, prompt, type, priority, timeout_s,
-                                         idempotency_key)
-    except queue.InvalidTask as exc:
-        message = str(exc)
-        first = message.split(" ", 1)[0]
-        named = first if first in ("prompt", "type", "priority", "timeout_s",
-                                   "idempotency_key") else None
-        raise InvalidRequest(message, field=named) from None
-    try:
-        directory = taskfiles.check_workdir(workdir, settings.workdir)
-        names = taskfiles.check_files(files, directory, settings.max_files_bytes)
-        chosen = None if model is None else taskfields.check_model(
-            model, (models or (lambda: [settings.general_model, settings.code_model]))())
-        system_prompt = taskfields.check_system(system, request.type, settings.max_prompt_chars)
-        chosen_options = taskfields.check_options(options, request.type)
-        schema = taskfields.check_output_schema(output_schema, request.type)
-    except (taskfiles.FileRefused, taskfields.InvalidField) as exc:
+        return validate_task(settings, prompt, type, priority, timeout_s, idempotency_key,
+                             workdir=workdir, files=files, model=model, system=system,
+                             options=options, output_schema=output_schema, models=models)
+    except InvalidTask as exc:
         raise InvalidRequest(str(exc), field=exc.field) from None
-    return dataclasses.replace(request, workdir=directory, files=names, model=chosen,
-                               system=system_prompt, options=chosen_options,
-                               output_schema=schema)
 
 
 def request_from(settings: Settings, fields: Any, models: Models | None = None) -> queue.TaskRequest:

@@ -84,6 +84,7 @@ def test_bad_requests_are_refused_with_a_clear_message_and_store_nothing(
     with pytest.raises(queue.InvalidTask, match=None) as info:
         queue.validate_request(store_settings, **args)
     assert says in str(info.value)
+    assert info.value.field == next(iter(fields))  # the field the message is about
     assert sum(queue.counts_by_status(store).values()) == 0
 
 
