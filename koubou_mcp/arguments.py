@@ -109,6 +109,23 @@ def _add_pool_commands(sub: Any) -> None:
                         "server attached")
 
 
+def _add_delegation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", help="the task's project directory, absolute: Codex works there "
+                   "and --file paths are relative to it (default: this directory, or "
+                   "KOUBOU_WORKDIR)")
+    p.add_argument("--file", dest="files", action="append", metavar="PATH",
+                   help="a text file the worker reads when the task runs and gives the model "
+                        "under a header (repeat for more)")
+    p.add_argument("--model", help="run on this model instead of the type's default")
+    p.add_argument("--system", help="general tasks: a system prompt")
+    p.add_argument("--option", dest="options", action="append", metavar="KEY=VALUE",
+                   help="general tasks: a model option (temperature, top_p, num_ctx, seed); "
+                        "repeat for more")
+    p.add_argument("--output-schema", metavar="JSON",
+                   help="general tasks: a JSON Schema the answer must fit (the JSON itself, or "
+                        "@FILE); the parsed value is printed as result_json")
+
+
 def _add_task_commands(sub: Any) -> None:
     """submit, status, tasks, cancel: one task at a time."""
     p = sub.add_parser("submit", help="add a task to the queue")
@@ -127,6 +144,22 @@ def _add_task_commands(sub: Any) -> None:
     p.add_argument("--wait-timeout", type=_seconds, help="stop waiting after this many seconds "
                    "(the task goes on); default: wait until it ends")
     p.add_argument("--json", action="store_true", help="print the task as one JSON object")
+    _add_delegation_flags(p)
+
+    p = sub.add_parser("submit-batch", help="add several tasks at once, all or none")
+    _add_store_flags(p)
+    p.add_argument("file", help="a JSON list of tasks (objects with the fields of "
+                                "POST /task/delegate but sync and wait_s), or - for stdin")
+    p.add_argument("--json", action="store_true", help="print the tasks as a JSON list")
+
+    p = sub.add_parser("wait", help="wait until tasks end and print them")
+    _add_store_flags(p)
+    p.add_argument("task_ids", nargs="+", metavar="TASK_ID")
+    p.add_argument("--any", action="store_true", help="return as soon as one task ends "
+                                                      "(default: when all have)")
+    p.add_argument("--timeout", type=_seconds, help="stop waiting after this many seconds (the "
+                   "tasks go on); default: wait until they end")
+    p.add_argument("--json", action="store_true", help="print what wait_tasks returns, as JSON")
 
     p = sub.add_parser("status", help="show one task")
     _add_store_flags(p)

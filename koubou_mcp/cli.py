@@ -8,6 +8,7 @@ No business logic lives here. Exit codes: 0 success; 1 a failed task or a runtim
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -32,6 +33,7 @@ from koubou_mcp.config import (
 from koubou_mcp.home import check_home, left_behind, private_log_handler
 from koubou_mcp.leader import LOCK_FILE, PID_FILE, lock_is_held, read_holder
 from koubou_mcp.models import FINAL_STATUSES, TaskStatus, utcnow
+from koubou_mcp.modelset import ModelSet
 from koubou_mcp.processes import process_cmdline, wait_gone
 from koubou_mcp.store import Store, StoreError, open_store
 from koubou_mcp.terminal_text import safe_json, safe_text
@@ -123,6 +125,12 @@ def _describe_task(record: dict[str, Any]) -> str:
         lines.append(f"worker: {record['worker_id']}")
     lines.append(f"created: {record['created_at']}  finished: {record['finished_at'] or '-'}"
                  + (f"  ({record['duration_s']} s)" if record.get("duration_s") is not None else ""))
+    if record.get("workdir"):
+        lines.append(f"workdir: {record['workdir']}")
+    if record.get("files"):
+        lines.append(f"files: {', '.join(record['files'])}")
+    if record.get("model"):
+        lines.append(f"model: {record['model']}")
     if record.get("error"):
         lines.append(f"error: {record['error']}")
     if record.get("result") is not None:
@@ -150,8 +158,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     prompt = _read_prompt(args.prompt)
     try:
-        request = service.validate(settings, prompt, args.type, args.priority, args.timeout,
-                                   args.idempotency_key)
+        request = service.validate(
+            settings, prompt, args.type, args.priority, args.timeout, args.idempotency_key,
+            workdir=args.workdir and os.path.abspath(args.workdir), files=args.files,
+            model=args.model, system=args.system, options=_options(args.options),
+            output_schema=_schema(args.output_schema), models=ModelSet(settings).names)
     except service.InvalidRequest as exc:
         raise UsageError(str(exc)) from None
     with _opened(settings) as store:
@@ -194,6 +205,103 @@ def _something_runs_tasks(settings: Settings, store: Store) -> bool:
                for w in queue.list_workers(store))
 
 
+def _options(pairs: list[str] | None) -> dict[str, Any] | None:
+    """``--option temperature=0.2``: numbers as numbers (the service checks them)."""
+    if not pairs:
+        return None
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--option takes KEY=VALUE (such as temperature=0.2), got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out
+
+
+def _schema(text: str | None) -> Any:
+    """``--output-schema``: JSON, or @FILE holding it."""
+    if text is None:
+        return None
+    source = "--output-schema"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read the output schema from {source}: {exc}") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{source} is not JSON: {exc}") from None
+
+
+def cmd_submit_batch(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from koubou_mcp import service
+
+    raw = _read_prompt(args.file) if args.file == "-" else _read_file(args.file)
+    try:
+        tasks = json.loads(raw)
+    except ValueError as exc:
+        raise UsageError(f"{args.file} is not JSON: {exc}") from None
+    try:
+        requests = service.batch_from(settings, tasks, ModelSet(settings).names)
+    except service.InvalidRequest as exc:
+        raise UsageError(str(exc)) from None
+    with _opened(settings) as store:
+        enqueued = queue.enqueue_many(store, requests, settings, utcnow())
+    records = [service.TaskRecord.of(e.task, include_prompt=False).as_json() for e in enqueued]
+    if args.json:
+        _print_json(records)
+    else:
+        for record in records:
+            print(record["task_id"])
+    return EXIT_OK
+
+
+def _read_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Wait on tasks in the store; exit 0 when the wait's tasks completed, 1 otherwise."""
+    from koubou_mcp import service
+
+    settings = _settings(args)
+    try:
+        ids = service.check_task_ids(args.task_ids)
+    except service.InvalidRequest as exc:
+        raise UsageError(str(exc)) from None
+    mode = "any" if args.any else "all"
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    with _opened(settings, create=False) as store:
+        while True:
+            try:
+                ended = [p.status in FINAL_STATUSES for p in queue.tasks_progress(store, ids)]
+            except queue.TaskNotFound as exc:
+                raise UsageError(str(exc)) from None
+            if (all(ended) if mode == "all" else any(ended)) or \
+                    (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(0.1)  # polling a local file is cheap; this is the CLI's own wait
+        records = [service.TaskRecord.of(t, include_prompt=False)
+                   for t in queue.get_tasks(store, ids)]
+    waited = service.WaitResult.of(mode, records, 0.0)
+    if args.json:
+        _print_json(waited.as_json())
+    else:
+        print("\n\n".join(_describe_task(r.as_json()) for r in records))
+    wanted = records if mode == "all" else [r for r in records if r.ended]
+    ok = waited.done and all(r.status == TaskStatus.COMPLETED.value for r in wanted)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from koubou_mcp import service
 
@@ -222,7 +330,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         counts = queue.counts_by_status(store)
         for t in tasks:
             preview = safe_text(" ".join(t.prompt.split())[:60])
-            print(f"{t.task_id}  {t.status:<11}  {t.type:<7}  p{t.priority:<2}  {preview}")
+            where = f"  [{safe_text(t.workdir)}]" if t.workdir else ""
+            print(f"{t.task_id}  {t.status:<11}  {t.type:<7}  p{t.priority:<2}  {preview}{where}")
         print("  ".join(f"{k}: {v}" for k, v in counts.items()))
         return EXIT_OK
 
@@ -445,6 +554,7 @@ def cmd_load_test(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": cmd_serve, "worker": cmd_worker, "pool": cmd_pool, "submit": cmd_submit,
+    "submit-batch": cmd_submit_batch, "wait": cmd_wait,
     "status": cmd_status, "tasks": cmd_tasks, "cancel": cmd_cancel, "stats": cmd_stats,
     "stop": cmd_stop, "doctor": cmd_doctor, "load-test": cmd_load_test, "top": cmd_top,
 }

@@ -346,3 +346,73 @@ def test_submit_wait_with_nothing_to_run_the_task_says_so_and_does_not_hang(
     assert task_id.startswith("task_")
     assert f"{task_id} is queued, but no pool or worker runs" in result.stderr
     assert "koubou-mcp pool" in result.stderr
+
+
+# -- delegation from the shell ----------------------------------------------------------------
+
+def test_submit_with_files_batch_and_wait_run_on_a_worker(
+    e2e_settings: Settings, fake_ollama: FakeOllama, tmp_path: Path,
+) -> None:
+    from tests.support.processes import processes
+
+    (e2e_settings.workdir / "todo.txt").write_text("buy milk\n")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}},
+                                  "required": ["n"]}))
+    with processes() as procs:
+        procs.worker(e2e_settings, "w-cli")
+        done = as_json(koubou(e2e_settings, "submit", "what is on the list?", "--file",
+                              "todo.txt", "--option", "temperature=0", "--system", "be brief",
+                              "--wait", "--wait-timeout", "30", "--json"))
+        assert done["status"] == "completed" and "buy milk" in done["result"]
+        assert (done["workdir"], done["files"], done["options"]) == (
+            str(e2e_settings.workdir.resolve()), ["todo.txt"], {"temperature": 0.0})
+        batch = tmp_path / "batch.json"
+        batch.write_text(json.dumps([{"prompt": "one"},
+                                     {"prompt": "two", "output_schema": json.loads(
+                                         schema.read_text())}]))
+        ids = koubou(e2e_settings, "submit-batch", str(batch)).stdout.split()
+        assert len(ids) == 2 and all(i.startswith("task_") for i in ids)
+        waited = as_json(koubou(e2e_settings, "wait", *ids, "--timeout", "30", "--json"))
+        assert waited["done"] and waited["ended"] == ids
+        assert waited["tasks"][1]["result_json"] == {"n": 0}
+        text = koubou(e2e_settings, "status", ids[0])
+        assert f"workdir: {e2e_settings.workdir.resolve()}" in text.stdout
+        listed = koubou(e2e_settings, "tasks")
+        assert f"[{e2e_settings.workdir.resolve()}]" in listed.stdout
+        one = koubou(e2e_settings, "submit", "x", "--output-schema", f"@{schema}", "--wait",
+                     "--wait-timeout", "30")
+        assert one.returncode == 0, one.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (("submit", "x", "--file", "../../etc/passwd"), "outside the task's workdir"),
+    (("submit", "x", "--file", "missing.txt"), "does not exist"),
+    (("submit", "x", "--workdir", "/no/such/dir"), "does not exist"),
+    (("submit", "x", "--model", "mistral"), "the models that work"),
+    (("submit", "x", "--option", "top_k=3"), "unknown key(s) top_k"),
+    (("submit", "x", "--option", "temperature"), "KEY=VALUE"),
+    (("submit", "x", "--output-schema", "{not json"), "is not JSON"),
+    (("submit", "x", "--output-schema", '{"type": 5}'), "not a valid JSON Schema"),
+    (("submit", "x", "--type", "code", "--system", "s"), "general tasks only"),
+    (("wait", "task_nope"), "no task with id 'task_nope'"),
+])
+def test_bad_delegation_input_exits_2_and_stores_nothing(
+    e2e_settings: Settings, args: tuple[str, ...], says: str, tmp_path: Path,
+) -> None:
+    koubou(e2e_settings, "submit", "the only task")
+    result = koubou(e2e_settings, *args)
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr, result.stderr
+    no_traceback(result)
+    listed = as_json(koubou(e2e_settings, "tasks", "--json"))
+    assert len(listed["tasks"]) == 1, "nothing more was stored"
+
+
+def test_a_batch_with_a_bad_task_stores_none(e2e_settings: Settings, tmp_path: Path) -> None:
+    batch = tmp_path / "batch.json"
+    batch.write_text(json.dumps([{"prompt": "fine"}, {"prompt": "bad", "files": ["nope"]}]))
+    result = koubou(e2e_settings, "submit-batch", str(batch))
+    assert result.returncode == 2 and "tasks[1]: files[0] ('nope') does not exist" in result.stderr
+    koubou(e2e_settings, "submit", "the only task")
+    assert len(as_json(koubou(e2e_settings, "tasks", "--json"))["tasks"]) == 1
