@@ -226,3 +226,23 @@ def _handshake(server: subprocess.Popen[bytes]) -> None:
         "clientInfo": {"name": "raw-test", "version": "0"}}))
     server.stdin.flush()
     assert json.loads(server.stdout.readline())["id"] == 1
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_a_client_fans_out_with_files_and_waits_for_all_over_stdio(
+    e2e_settings: Settings, fake_ollama: FakeOllama, leftovers: Leftovers, mode: str,
+) -> None:
+    (e2e_settings.workdir / "a.txt").write_text("alpha\n")
+    async with Client(server_params(e2e_settings), mode=mode) as client:  # type: ignore[arg-type]
+        batch = await call(client, "delegate_tasks", tasks=[
+            {"prompt": "first", "files": ["a.txt"]}, {"prompt": "second", "priority": 9}])
+        ids = batch["task_ids"]
+        waited = await call(client, "wait_tasks", task_ids=ids, wait_s=60)
+        health = await read_json(client, "koubou://health")
+    for worker in health["workers"]["list"]:
+        leftovers.add(worker["pid"])
+    assert waited["done"] and waited["ended"] == ids
+    first, second = waited["tasks"]
+    assert "===== file: a.txt (6 bytes) =====\nalpha" in first["result"]
+    assert first["workdir"] == str(e2e_settings.workdir.resolve())
+    assert second["result"] == "echo: second"
