@@ -58,7 +58,8 @@ async def test_a_client_lists_reads_health_delegates_polls_lists_and_cancels(
 
     async with Client(server_params(e2e_settings), message_handler=on_message) as client:
         names = {t.name for t in (await client.list_tools()).tools}
-        assert names == {"delegate_task", "get_status", "list_tasks", "cancel_task"}
+        assert names == {"delegate_task", "delegate_tasks", "wait_tasks", "get_status",
+                         "list_tasks", "cancel_task"}
 
         health = await read_json(client, "koubou://health")
         leftovers.add(health["server"]["pid"])
