@@ -68,12 +68,13 @@ class Arrivals:
         state = fake._state
         original = state.record
 
-        def record(path: str, model: str, prompt: str, body: dict[str, Any]) -> None:
+        def record(path: str, model: str, prompt: str, body: dict[str, Any]) -> dict[str, Any]:
             stamp = time.time()
             with self._cond:
                 self.times[prompt] = stamp
                 self._cond.notify_all()
-            original(path, model, prompt, body)
+            # the stand-in keeps updating the entry it returns (queue wait, outcome, tokens)
+            return original(path, model, prompt, body)
 
         state.record = record
 
