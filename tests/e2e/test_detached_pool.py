@@ -5,97 +5,22 @@ once idle with no server attached, and ``koubou-mcp stop`` stops it."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 from koubou_mcp import queue
 from koubou_mcp.attachment import servers_dir
 from koubou_mcp.config import Settings
-from koubou_mcp.leader import Holder, lock_is_held, read_holder
 from koubou_mcp.store import open_store
 from tests.e2e.conftest import Leftovers
+from tests.e2e.raw_server import RawServer, background_pool, pool_holder, stop_pool
 from tests.fakes.ollama_server import FakeOllama
-from tests.support.env import child_env
-from tests.support.jsonrpc import rpc_line
-from tests.support.processes import koubou_command, run_cli
-from tests.support.procfs import pid_alive, pool_processes, worker_processes
+from tests.support.processes import run_cli
+from tests.support.procfs import pid_alive, worker_processes
 from tests.support.tasks import ended
 from tests.support.waiting import wait_until
-
-
-class RawServer:
-    """``koubou-mcp`` on stdio in a session of its own (its pid is its process group), spoken
-    to line by line."""
-
-    def __init__(self, settings: Settings, tmp_path: Path, leftovers: Leftovers,
-                 name: str = "server") -> None:
-        self.stderr_path = tmp_path / f"{name}.stderr"
-        with open(self.stderr_path, "wb") as stderr:
-            self.proc = subprocess.Popen(
-                [koubou_command()], env=child_env(settings), cwd=settings.workdir,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                start_new_session=True,
-            )
-        leftovers.add(self.proc.pid)
-        self._next_id = 1
-        self.call("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
-                                 "clientInfo": {"name": "raw-test", "version": "0"}})
-        self.send(None, "notifications/initialized")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def send(self, id_: int | None, method: str, params: dict[str, Any] | None = None) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(rpc_line(id_, method, params))
-        self.proc.stdin.flush()
-
-    def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        id_, self._next_id = self._next_id, self._next_id + 1
-        self.send(id_, method, params)
-        assert self.proc.stdout is not None
-        while True:
-            line = self.proc.stdout.readline()
-            assert line, f"the server closed stdout; stderr: {self.stderr_path.read_text()}"
-            message: dict[str, Any] = json.loads(line)
-            if message.get("id") == id_:
-                assert "error" not in message, message
-                return dict(message["result"])
-
-    def delegate(self, prompt: str, **arguments: Any) -> dict[str, Any]:
-        result = self.call("tools/call", {"name": "delegate_task",
-                                          "arguments": {"prompt": prompt, **arguments}})
-        assert not result.get("isError"), result
-        return dict(result["structuredContent"])
-
-    def health(self) -> dict[str, Any]:
-        result = self.call("resources/read", {"uri": "koubou://health"})
-        return dict(json.loads(result["contents"][0]["text"]))
-
-
-def pool_holder(settings: Settings) -> Holder | None:
-    return read_holder(settings.run_dir) if lock_is_held(settings.run_dir) else None
-
-
-def background_pool(settings: Settings) -> Holder:
-    holder: Holder = wait_until(lambda: pool_holder(settings), timeout=20,
-                                message="the background pool to lead the home")
-    assert holder.role == "detached"
-    return holder
-
-
-def stop_pool(settings: Settings) -> None:
-    done = run_cli(settings, "stop", "--timeout", "30")
-    assert done.returncode == 0, done.stderr
-    wait_until(lambda: not pool_processes(settings.home) and
-               not worker_processes(settings.home), timeout=20,
-               message="the pool and its workers to be gone")
 
 
 def test_killing_the_servers_whole_process_group_never_stops_running_or_queued_work(
