@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Column, DateTime, Index, Text
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def utcnow() -> datetime:
@@ -138,6 +138,9 @@ class Worker(SQLModel, table=True):
     idle_since: datetime | None = Field(default=None, sa_type=DateTime)
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime)
     stopped_at: datetime | None = Field(default=None, sa_type=DateTime)
+    #: PostgreSQL: when new work last woke this worker (``store.WAKE_IDLE_WORKERS``); the
+    #: idle worker woken longest ago is woken first, so two tasks in a row wake two workers
+    woken_at: datetime | None = Field(default=None, sa_type=DateTime)
 
 
 class ModelServer(SQLModel, table=True):
@@ -235,3 +238,4 @@ class WorkerSnapshot:
     idle_since: datetime | None
     created_at: datetime
     stopped_at: datetime | None
+    woken_at: datetime | None = None

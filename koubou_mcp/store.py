@@ -7,6 +7,7 @@ SQLite runs in WAL mode with a busy timeout, and every write transaction starts 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sqlite3
@@ -33,19 +34,52 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import SQLModel
 
 from koubou_mcp.config import make_private_dir
-from koubou_mcp.models import SCHEMA_VERSION, Meta, TaskStatus
+from koubou_mcp.models import SCHEMA_VERSION, Meta, TaskStatus, WorkerStatus
 from koubou_mcp.wakeup import FifoWakeup, PostgresWakeup, Wakeup
 
 log = logging.getLogger(__name__)
 
 #: how long a SQLite writer waits for the lock before giving up, ms
 SQLITE_BUSY_TIMEOUT_MS = 60_000
-#: PostgreSQL channel on which new work is announced
+#: PostgreSQL channel on which all new work is announced (supervisors listen on it: they
+#: scale on new work)
 NOTIFY_CHANNEL = "koubou_tasks"
+#: each worker listens on a channel of its own, ``worker_channel(worker_id)``
+WORKER_CHANNEL_PREFIX = "koubou_w_"
+
+
+def worker_channel(worker_id: str) -> str:
+    """The PostgreSQL channel of one worker: a hash of its id, as ``WAKE_IDLE_WORKERS``
+    computes it in SQL (a channel name is at most 63 bytes; a worker id may be longer)."""
+    return WORKER_CHANNEL_PREFIX + hashlib.sha256(worker_id.encode()).hexdigest()[:32]
+
+
 #: The wake-up statements (``wakeup`` runs them; the SQL stays here with the store's other
-#: statements). LISTEN takes no bound parameter: the channel is our constant, quoted.
-NOTIFY = text("SELECT pg_notify(:c, '')").bindparams(c=NOTIFY_CHANNEL)
-LISTEN = f'LISTEN "{NOTIFY_CHANNEL}"'
+#: statements). New work wakes up to ``:n`` idle workers, one each (the ones woken longest
+#: ago first, and never one another enqueue is waking right now: SKIP LOCKED), and every
+#: supervisor; NOTIFY is delivered at commit. It answers how many workers it woke.
+#: ``woken_at`` is only compared with itself, so it is the server's clock (in UTC, as the
+#: other columns), not the caller's.
+WAKE_IDLE_WORKERS = text(f"""
+WITH picked AS (
+    SELECT worker_id FROM workers WHERE status = :idle
+    ORDER BY woken_at NULLS FIRST LIMIT :n FOR UPDATE SKIP LOCKED
+), woken AS (
+    UPDATE workers SET woken_at = now() AT TIME ZONE 'UTC' FROM picked
+    WHERE workers.worker_id = picked.worker_id RETURNING workers.worker_id
+)
+SELECT count(pg_notify('{WORKER_CHANNEL_PREFIX}'
+                       || left(encode(sha256(convert_to(worker_id, 'UTF8')), 'hex'), 32), '')),
+       pg_notify(:c, '')
+FROM woken
+""").bindparams(idle=WorkerStatus.IDLE.value, c=NOTIFY_CHANNEL)
+
+
+def listen_statement(worker_id: str | None) -> str:
+    """LISTEN on a worker's own channel, or (``None``) on the one every supervisor shares.
+    No bound parameter: the channel is our constant or a hex hash, quoted."""
+    channel = NOTIFY_CHANNEL if worker_id is None else worker_channel(worker_id)
+    return f'LISTEN "{channel}"'
 
 META: Any = Meta.__table__  # type: ignore[attr-defined]
 
@@ -65,6 +99,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "workdir TEXT", "files TEXT", "model VARCHAR(200)", "system_prompt TEXT",
         "model_options TEXT", "output_schema TEXT",
     )),
+    # v5: when new work last woke a worker (PostgreSQL wakes one idle worker per new task)
+    5: ("ALTER TABLE workers ADD COLUMN woken_at TIMESTAMP",),
 }
 
 
@@ -133,13 +169,14 @@ class Store:
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
-    def notify_within(self, conn: Connection) -> bool:
-        """Announce new work as part of the transaction on ``conn``, delivered at its commit
-        (PostgreSQL's NOTIFY): no extra round trip, and no gap between commit and notify.
-        False when this store cannot; then call ``notify_new_work`` after the commit."""
+    def notify_within(self, conn: Connection, count: int = 1) -> bool:
+        """Announce ``count`` new tasks as part of the transaction on ``conn``: wake as many
+        idle workers and every supervisor, delivered at its commit (PostgreSQL's NOTIFY): no
+        extra transaction, and no gap between commit and notify. False when this store
+        cannot; then call ``notify_new_work`` after the commit."""
         if not self.is_postgres:
             return False
-        conn.execute(NOTIFY)
+        conn.execute(WAKE_IDLE_WORKERS, {"n": max(count, 1)})
         return True
 
     def notify_new_work(self, count: int = 1) -> None:
@@ -175,7 +212,7 @@ def open_store(database_url: str, run_dir: Path, *, create: bool = True,
             if url.drivername == "postgresql":
                 url = url.set(drivername="postgresql+psycopg")
             engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
-            wakeup = PostgresWakeup(engine, notify=NOTIFY, listen=LISTEN)
+            wakeup = PostgresWakeup(engine, notify=WAKE_IDLE_WORKERS, listen=listen_statement)
             path = None
         else:
             raise StoreError(

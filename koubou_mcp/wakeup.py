@@ -12,9 +12,15 @@ waiter blocks on a wake-up channel and polls only as a safety net (wake-ups can 
   later idle worker one claim. Waiters that must see every notification (the supervisor,
   which scales on new work) own a pipe each (``<name>.fifo``) and get one byte per notify; a
   pipe nobody reads any more is removed. Pokes (stop, cancel) go to a waiter's own pipe.
-* PostgreSQL (many machines): ``LISTEN``/``NOTIFY`` on one channel (every listener wakes).
-  The two statements come from ``store`` (only the store and the queue write SQL); this
-  module only runs them.
+* PostgreSQL (many machines): ``LISTEN``/``NOTIFY``. Each worker listens on a channel of its
+  own; ``notify(count)`` picks up to ``count`` idle workers from the ``workers`` table (the
+  one woken longest ago first; ``SKIP LOCKED``, so two enqueues at once pick two different
+  ones), marks them woken and notifies their channels, in the enqueue's own transaction when
+  it can (``store.notify_within``). So a new task wakes one idle worker, not all of them.
+  Supervisors share one channel that every notify reaches. When no worker is idle nobody is
+  woken: a busy worker looks for work again before it sleeps, and every worker polls every
+  ``poll_s`` anyway. The statements come from ``store`` (only the store and the queue write
+  SQL); this module only runs them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import select
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,7 +63,8 @@ class Wakeup(Protocol):
 
     def listen(self, name: str, *, one_of_many: bool = False) -> Listener:
         """A listener. With ``one_of_many`` it shares the wake-ups with the other such
-        listeners (each notification wakes one of them) where the store can do that."""
+        listeners (each notification wakes one of them) where the store can do that. On
+        PostgreSQL such a ``name`` is a worker id: its ``workers`` row says when it is idle."""
         ...
 
 
@@ -184,9 +192,11 @@ class PostgresListener:
     """A dedicated connection that LISTENs; ``poke`` wakes it through a local pipe.
 
     The connection can be lost at any time (``pg_terminate_backend``, a restart, a failover).
-    ``wait`` then never raises: it logs once, and until a reconnect succeeds (tried at most
-    every ``backoff_s``, doubling up to ``max_backoff_s``) it sleeps out its timeout like the
-    poll fallback, still ending early on a poke.
+    ``wait`` then never raises: it logs once and sleeps like the poll fallback, still ending
+    early on a poke, and tries to reconnect every ``backoff_s`` (doubling up to
+    ``max_backoff_s``). A wait that reconnects returns True at once: whatever was notified
+    while nobody listened is gone, so the caller should look for work now rather than at its
+    next poll.
     """
 
     def __init__(self, engine: Engine, listen: str, *, backoff_s: float = 0.5,
@@ -228,15 +238,18 @@ class PostgresListener:
 
     def wait(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + max(timeout_s, 0.0)
-        if self._conn is None and time.monotonic() >= self._retry_at:
-            self._reconnect()
-        try:
-            if self._conn is None:
-                return self._sleep_on_pipe(deadline)
-            return self._wait_listening(deadline)
-        except Exception as exc:  # the connection broke: a wake-up is an optimisation
-            self._lose(exc)
-            return self._sleep_on_pipe(deadline)
+        while True:
+            if self._conn is not None:
+                try:
+                    return self._wait_listening(deadline)
+                except Exception as exc:  # the connection broke: a wake-up is an optimisation
+                    self._lose(exc)
+            if time.monotonic() >= self._retry_at and self._reconnect():
+                return True
+            if self._sleep_on_pipe(min(deadline, self._retry_at)):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     def _wait_listening(self, deadline: float) -> bool:
         conn = self._conn
@@ -253,10 +266,10 @@ class PostgresListener:
                 woken = True
         return woken
 
-    def _sleep_on_pipe(self, deadline: float) -> bool:
+    def _sleep_on_pipe(self, until: float) -> bool:
         try:
             ready, _, _ = select.select([self._pipe_r], [], [],
-                                        max(deadline - time.monotonic(), 0.0))
+                                        max(until - time.monotonic(), 0.0))
         except InterruptedError:
             return False
         return bool(ready) and self._drain_pipe()
@@ -278,15 +291,16 @@ class PostgresListener:
         self._retry_at = time.monotonic() + self._backoff_s
         self._backoff_s = min(self._backoff_s * 2, self._max_backoff_s)
 
-    def _reconnect(self) -> None:
+    def _reconnect(self) -> bool:
         try:
             self._conn = self._connect()
         except Exception as exc:
             self._lose(exc)
-            return
+            return False
         log.info("wake-up listener reconnected to PostgreSQL")
         self._lost = False
         self._backoff_s = self._first_backoff_s
+        return True
 
     def poke(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
@@ -306,22 +320,23 @@ class PostgresListener:
 
 
 class PostgresWakeup:
-    """``notify`` runs the NOTIFY statement; each listener runs the LISTEN one on a connection
-    of its own."""
+    """``notify`` runs the store's wake-up statement (idle workers' channels and the shared
+    one); each listener runs the LISTEN statement of its channel on a connection of its own:
+    a worker's (``one_of_many``) or, for the others, the shared one."""
 
-    def __init__(self, engine: Engine, *, notify: Executable, listen: str) -> None:
+    def __init__(self, engine: Engine, *, notify: Executable,
+                 listen: Callable[[str | None], str]) -> None:
         self.engine = engine
         self._notify = notify
         self._listen = listen
 
     def notify(self, count: int = 1) -> None:
-        # NOTIFY reaches every listener; waking only ``count`` of them is not done here yet
         with self.engine.connect() as conn:
-            conn.execute(self._notify)
+            conn.execute(self._notify, {"n": max(count, 1)})
             conn.commit()
 
     def listen(self, name: str, *, one_of_many: bool = False) -> PostgresListener:
-        return PostgresListener(self.engine, self._listen)
+        return PostgresListener(self.engine, self._listen(name if one_of_many else None))
 
 
 class SelfPipe:

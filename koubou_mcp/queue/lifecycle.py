@@ -283,8 +283,8 @@ def _recover(store: Store, where: ColumnElement[bool], now: datetime,
                 update(W).where(W.c.current_task.in_([r.task_id for r in out]))
                 .values(current_task=None)
             )
-    if any(r.status == TaskStatus.PENDING.value for r in out):
-        store.notify_new_work()
+    if pending := sum(1 for r in out if r.status == TaskStatus.PENDING.value):
+        store.notify_new_work(pending)  # one idle worker per task given back
     return out
 
 

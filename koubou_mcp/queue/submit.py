@@ -47,7 +47,8 @@ def enqueue_many(store: Store, requests: Sequence[TaskRequest], settings: Settin
         for request in requests:
             out.append(_insert(conn, store, request, settings, now))
         created = sum(1 for e in out if e.created)
-        notified = store.notify_within(conn) if created else True
+        # one idle worker per new task (PostgreSQL: picked and notified in this transaction)
+        notified = store.notify_within(conn, created) if created else True
     if not notified:
         store.notify_new_work(created)  # one worker per new task
     return out

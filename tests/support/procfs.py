@@ -93,3 +93,16 @@ def kill_pools_and_workers(home: Path) -> list[int]:
     workers = worker_processes(home)
     kill_workers(home)
     return pools + workers
+
+
+def times_scheduled(pid: int) -> int:
+    """How many times the threads of ``pid`` have been switched off a CPU (voluntarily or
+    not), summed. A process asleep in its waits keeps the same number; any wake-up raises it:
+    the way to see from outside which idle workers a notification woke."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                    total += int(line.split()[1])
+    return total

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
-from koubou_mcp.models import utcnow
+from koubou_mcp.models import WorkerStatus, utcnow
 from koubou_mcp.store import Store, open_store
-from koubou_mcp.wakeup import FifoListener, FifoWakeup, PostgresListener, SelfPipe
+from koubou_mcp.wakeup import FifoWakeup, Listener, PostgresListener, SelfPipe
 from tests.support.waiting import wait_until
 
 
@@ -125,7 +127,7 @@ def test_a_listener_whose_connection_is_killed_polls_then_reconnects_and_wakes_a
         store.close()
 
 
-def _wait_all(listeners: list[FifoListener], timeout_s: float) -> list[bool]:
+def _wait_all(listeners: Sequence[Listener], timeout_s: float) -> list[bool]:
     """Every listener waits once, at the same time, in a thread of its own; who woke."""
     woke = [False] * len(listeners)
     started = threading.Barrier(len(listeners) + 1)
@@ -152,7 +154,7 @@ def test_each_new_task_wakes_one_idle_worker_and_every_supervisor(tmp_path: Path
         for count in (1, 3):
             # the notification goes out while all of them wait
             threading.Timer(0.2, wakeup.notify, args=(count,)).start()
-            woke = _wait_all([*workers, supervisor], timeout_s=2.0)
+            woke = _wait_all([*workers, supervisor], timeout_s=1.0)
             assert sum(woke[:4]) == count, woke
             assert woke[4], "the supervisor sees every notification"
     finally:
@@ -175,3 +177,74 @@ def test_a_wake_up_nobody_was_idle_for_waits_in_the_pipe_for_the_next_idle_worke
         first.close()
         second.close()
     assert sorted(p.name for p in (tmp_path / "wake").iterdir()) == ["work.pipe"]
+
+
+# -- PostgreSQL: one idle worker per new task ----------------------------------------------
+
+@pytest.fixture
+def pg_store(pg_url: str, settings: Settings) -> Iterator[Store]:
+    store = open_store(pg_url, settings.run_dir)
+    yield store
+    store.close()
+
+
+def _idle_workers(store: Store, n: int) -> list[str]:
+    """``n`` workers rows, idle, as workers write them (ids unique to this test: channels are
+    per database, shared with every other test using the server)."""
+    ids = [f"wake-{secrets.token_hex(4)}-{i}" for i in range(n)]
+    for worker_id in ids:
+        queue.register_worker(store, worker_id, os.getpid(), utcnow())
+        queue.set_worker_status(store, worker_id, WorkerStatus.IDLE, utcnow())
+    return ids
+
+
+def test_on_postgres_each_new_task_wakes_one_idle_worker_and_every_supervisor(
+    pg_store: Store, settings: Settings
+) -> None:
+    ids = _idle_workers(pg_store, 4)
+    workers = [pg_store.wakeup.listen(worker_id, one_of_many=True) for worker_id in ids]
+    supervisor = pg_store.wakeup.listen("supervisor")
+    try:
+        for count in (1, 2, 3):
+            # the tasks are enqueued (in one transaction) while all of them wait
+            requests = [queue.validate_request(settings, f"batch of {count}")] * count
+            threading.Timer(0.2, queue.enqueue_many,
+                            args=(pg_store, requests, settings, utcnow())).start()
+            woke = _wait_all([*workers, supervisor], timeout_s=1.0)
+            assert sum(woke[:4]) == count, woke
+            assert woke[4], "the supervisor sees every notification"
+    finally:
+        for listener in [*workers, supervisor]:
+            listener.close()
+
+
+def test_on_postgres_two_tasks_in_a_row_wake_two_workers_and_busy_ones_are_not_woken(
+    pg_store: Store, settings: Settings
+) -> None:
+    ids = _idle_workers(pg_store, 3)
+    busy = ids[2]
+    queue.set_worker_status(pg_store, busy, WorkerStatus.BUSY, utcnow())
+    workers = [pg_store.wakeup.listen(worker_id, one_of_many=True) for worker_id in ids]
+
+    def two_in_a_row() -> None:
+        for i in range(2):
+            queue.enqueue(pg_store, queue.validate_request(settings, f"in a row {i}"), settings,
+                          utcnow())
+
+    try:
+        # the first woken worker has not claimed yet when the second task comes: the second
+        # wakes the other idle worker, not the same one again, and never the busy one
+        threading.Timer(0.2, two_in_a_row).start()
+        assert _wait_all(workers, timeout_s=1.0) == [True, True, False]
+        # with every worker busy nobody is woken (a busy worker looks for work before it
+        # sleeps again); the next idle one is
+        for worker_id in ids[:2]:
+            queue.set_worker_status(pg_store, worker_id, WorkerStatus.BUSY, utcnow())
+        threading.Timer(0.2, two_in_a_row).start()
+        assert _wait_all(workers, timeout_s=1.0) == [False, False, False]
+        queue.set_worker_status(pg_store, busy, WorkerStatus.IDLE, utcnow())
+        pg_store.notify_new_work(5)  # e.g. tasks given back: more than there are idle workers
+        assert _wait_all(workers, timeout_s=1.0) == [False, False, True]
+    finally:
+        for listener in workers:
+            listener.close()
