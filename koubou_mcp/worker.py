@@ -1,10 +1,14 @@
 """The worker process: claim a task, run it on its backend under its time limit, record the end.
 
-One task at a time. While the model works, a side task renews the lease every
-``heartbeat_s`` and notices a cancel request or a lost lease. Idle, the worker sleeps on its
-wake-up channel (no busy polling) and heartbeats on the same interval.
+One task at a time, on one thread that blocks in the backend call: no event loop and no
+thread hop on the hot path (see docs/benchmarks.md for what that saved). Beside it the
+watchdog thread (``watchdog``) renews the lease every ``heartbeat_s``, notices a cancel
+request or a lost lease, and enforces the time limit; it stops a task by aborting its backend
+call, which ends at once. Completing a task and claiming the next is one transaction
+(``queue.complete_and_admit``). Idle, the worker sleeps on its wake-up channel (no busy
+polling).
 
-Stopping (signal handlers only set flags; this loop does the work):
+Stopping (signal handlers only set flags and abort; this loop does the work):
 * first SIGTERM/SIGINT: finish the current task (up to ``drain_grace_s``), then exit;
 * second: abort the current task, give it back to the queue, exit.
 A worker started by a supervisor also exits, after its current task, once that supervisor is
@@ -17,19 +21,18 @@ import logging
 import os
 import random
 import signal
+import threading
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
+from types import FrameType
 from typing import ParamSpec, TypeVar
 
-import anyio
-import anyio.abc
-import anyio.to_thread
-
 from koubou_mcp import queue
-from koubou_mcp.admission import Capacity, Observation
+from koubou_mcp.admission import Observation
 from koubou_mcp.backends.base import (
+    Aborted,
     Backend,
     BackendError,
     BackendRequest,
@@ -43,6 +46,7 @@ from koubou_mcp.models import TaskSnapshot, TaskType, WorkerStatus, utcnow
 from koubou_mcp.processes import become_subreaper
 from koubou_mcp.store import Store, is_store_fault
 from koubou_mcp.taskfiles import FileRefused, prompt_with_files, read_files
+from koubou_mcp.watchdog import Interrupt, Run, Watchdog, WatchdogHooks
 
 log = logging.getLogger("koubou_mcp.worker")
 
@@ -67,14 +71,6 @@ def build_backends(settings: Settings, worker_id: str) -> dict[str, Backend]:
 
 
 
-class Interrupt(StrEnum):
-    """Why a running task was stopped before its backend returned."""
-
-    CANCEL = "cancel"  # the user cancelled it
-    LOST = "lost"  # the lease is gone; another worker owns it now
-    STOP = "stop"  # the worker was told to stop now (second signal, or drain grace over)
-
-
 @dataclass
 class StopState:
     """Set by signal handlers, read by the loops."""
@@ -84,6 +80,12 @@ class StopState:
     drain_started: float | None = None
     requests: int = 0
 
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but wake within a tenth of a second when a stop is forced."""
+        deadline = time.monotonic() + seconds
+        while not self.forced and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+
 
 #: after a store fault, the worker waits about this long before trying again (doubling)
 STORE_RETRY_BASE_S = 0.2
@@ -92,32 +94,6 @@ STORE_RETRY_MAX_S = 5.0
 #: after HTTP 503 "busy", a task waits about this long (doubling while the server stays busy)
 BUSY_RETRY_BASE_S = 0.5
 BUSY_RETRY_MAX_S = 10.0
-
-
-@dataclass
-class _Run:
-    """The task being worked on, how to interrupt it, and what its model produced so far."""
-
-    task: TaskSnapshot
-    concurrency: int | None = None
-    capacity: Capacity | None = None
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    interrupt: Interrupt | None = None
-    progress: GenerationProgress | None = None
-    #: the progress last written to the store (a heartbeat writes only when it changed)
-    saved: GenerationProgress | None = None
-    first_token_seen: bool = False
-
-    def stop(self, why: Interrupt) -> None:
-        if self.interrupt is None:
-            self.interrupt = why
-        self.scope.cancel()
-
-    def generated(self) -> queue.Generated | None:
-        p = self.progress
-        if p is None:
-            return None
-        return queue.Generated(p.text or None, p.tokens, p.first_token_s)
 
 
 class Worker:
@@ -140,32 +116,42 @@ class Worker:
         self.clock = clock
         self.max_tasks = max_tasks
         self.stop_state = StopState()
-        self.current: _Run | None = None
+        self.current: Run | None = None
         self.tasks_done = 0
         # one_of_many: a new task wakes one idle worker, not every one (where the store can)
         self._listener = store.wakeup.listen(worker_id, one_of_many=True)
         self._rng = random.Random()
         self.model_url = settings.ollama_url
         self._busy_streak = 0
+        self._faults = threading.Lock()  # both threads note store faults
         self._store_down_since: float | None = None
         self._store_faults = 0
-        self._last_beat = self._last_recovery = 0.0
+        self._last_recovery = 0.0
+        self.watchdog = Watchdog(WatchdogHooks(
+            current=lambda: self.current, beat=self._beat,
+            drain_started=lambda: self.stop_state.drain_started,
+            drain_grace_s=settings.drain_grace_s, heartbeat_s=settings.heartbeat_s,
+            clock=clock,
+        ))
 
     # -- stopping ------------------------------------------------------------------------
-    def request_stop(self) -> None:
-        """Called on each stop signal: the first drains, the second forces."""
+    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        """The stop signals' handler: the first drains, the second forces. Only flags, an
+        abort and a poke: nothing here may block or take a lock the loop could hold."""
         state = self.stop_state
         state.requests += 1
         if state.requests == 1:
             state.draining = True
-            state.drain_started = anyio.current_time()
+            state.drain_started = time.monotonic()
             log.info("stop requested: finishing the current task, then exiting")
         else:
             state.forced = True
             log.warning("second stop request: giving the current task back and exiting")
-            if self.current is not None:
-                self.current.stop(Interrupt.STOP)
+            current = self.current
+            if current is not None:
+                current.stop(Interrupt.STOP)
         self._listener.poke()
+        self.watchdog.poke()
 
     def _supervisor_gone(self) -> bool:
         return self.supervisor_pid is not None and os.getppid() != self.supervisor_pid
@@ -178,124 +164,118 @@ class Worker:
             return True
         return self.max_tasks is not None and self.tasks_done >= self.max_tasks
 
+    def _may_take_another(self) -> bool:
+        """Whether, after the task just counted in ``tasks_done``, this worker goes on (so it
+        may claim the next with the record of this one)."""
+        state = self.stop_state
+        if state.draining or self._supervisor_gone():
+            return False
+        return self.max_tasks is None or self.tasks_done < self.max_tasks
+
     # -- main loop -----------------------------------------------------------------------
-    async def run(self) -> None:
-        """Serve tasks until told to stop."""
-        await self._store(queue.register_worker, self.store, self.worker_id, os.getpid(),
-                          self.clock(), self.settings.hostname)
-        await self._store(queue.configure_model_server, self.store, self.model_url,
-                          self.settings.ollama_parallel or None, self.clock())
+    def run(self) -> None:
+        """Serve tasks until told to stop (call from the main thread: it takes the signals)."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request_stop)
+        self._store(queue.register_worker, self.store, self.worker_id, os.getpid(),
+                    self.clock(), self.settings.hostname)
+        self._store(queue.configure_model_server, self.store, self.model_url,
+                    self.settings.ollama_parallel or None, self.clock())
         log.info("worker %s started (pid %d)", self.worker_id, os.getpid())
+        self.watchdog.start()
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_signals, tg.cancel_scope)
-                await self._serve()
-                tg.cancel_scope.cancel()
+            self._serve()
         finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._db(queue.mark_worker_offline, self.store, self.worker_id,
-                                   self.clock())
-                except Exception as exc:  # the store is down: the row goes silent instead
-                    if not is_store_fault(exc):
-                        raise
-                    log.warning("could not mark this worker offline: %s", _fault_text(exc))
-                for backend in self.backends.values():
-                    await backend.aclose()
-                self._listener.close()
+            self.watchdog.stop()
+            try:
+                queue.mark_worker_offline(self.store, self.worker_id, self.clock())
+            except Exception as exc:  # the store is down: the row goes silent instead
+                if not is_store_fault(exc):
+                    raise
+                log.warning("could not mark this worker offline: %s", _fault_text(exc))
+            for backend in self.backends.values():
+                backend.close()
+            self._listener.close()
             log.info("worker %s stopped after %d tasks", self.worker_id, self.tasks_done)
 
-    async def _watch_signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                self.request_stop()
-
-    async def _serve(self) -> None:
-        await self._store(queue.set_worker_status, self.store, self.worker_id, WorkerStatus.IDLE,
-                          self.clock())
-        self._last_beat = self._last_recovery = anyio.current_time()
+    def _serve(self) -> None:
+        self._store(queue.set_worker_status, self.store, self.worker_id, WorkerStatus.IDLE,
+                    self.clock())
+        self._last_recovery = time.monotonic()
+        admitted: queue.Admitted | None = None
         while not self._should_exit():
             if (problem := self.store.file_problem()) is not None:
                 log.error("%s; this worker stops (restart the server to open a new one)",
                           problem)
                 return
             try:
-                await self._serve_once()
+                task = admitted if admitted is not None else self._claim_or_wait()
+                admitted = None  # a fault while running it must not run it twice
+                if task is not None:
+                    admitted = self._run_task(task)
             except Exception as exc:
                 if not is_store_fault(exc):
                     raise
-                await self._store_fault(exc)
+                self._store_fault(exc)
 
-    async def _serve_once(self) -> None:
-        """One round of the idle loop: recovery now and then, a claim, or a heartbeat and a
-        wait for work. A store fault raised here is waited out by ``_serve``."""
-        if anyio.current_time() - self._last_recovery >= self.settings.lease_s / 3:
+    def _claim_or_wait(self) -> queue.Admitted | None:
+        """Recovery now and then, then a claim, or a wait for work. A store fault raised
+        here is waited out by ``_serve``."""
+        if time.monotonic() - self._last_recovery >= self.settings.lease_s / 3:
             # Any live worker gives back tasks of workers that died unnoticed, so nothing
             # waits for a supervisor that may be absent (remote workers, `worker` alone).
-            recovered = await self._db(queue.requeue_expired, self.store, self.clock())
-            for r in recovered:
+            for r in queue.requeue_expired(self.store, self.clock()):
                 log.warning("%s: its worker's lease expired; now %s", r.task_id, r.status)
-            for task_id in await self._db(queue.expire_waiting, self.store, self.clock(),
-                                          self.settings.max_wait_s):
+            for task_id in queue.expire_waiting(self.store, self.clock(),
+                                                self.settings.max_wait_s):
                 log.warning("%s: waited over %gs for a model slot; failed", task_id,
                             self.settings.max_wait_s)
-            self._last_recovery = anyio.current_time()
-        admitted = await self._db(queue.admit_next, self.store, self.worker_id, self.clock(),
-                                  self.settings.lease_s, self.model_url)
+            self._last_recovery = time.monotonic()
+        admitted = queue.admit_next(self.store, self.worker_id, self.clock(),
+                                    self.settings.lease_s, self.model_url)
         self._store_back()
-        if admitted is not None:
-            await self._run_task(admitted)
-            self._last_beat = anyio.current_time()
-            return
-        if anyio.current_time() - self._last_beat >= self.settings.heartbeat_s:
-            await self._db(queue.heartbeat, self.store, self.worker_id, None, self.clock(),
-                           self.settings.lease_s)
-            self._last_beat = anyio.current_time()
-        wait_s = min(self.settings.poll_s, self.settings.heartbeat_s)
-        await anyio.to_thread.run_sync(self._listener.wait, wait_s)
+        if admitted is None:
+            self._listener.wait(self.settings.poll_s)
+        return admitted
 
     # -- one task ------------------------------------------------------------------------
-    async def _run_task(self, admitted: queue.Admitted) -> None:
+    def _run_task(self, admitted: queue.Admitted) -> queue.Admitted | None:
+        """Run one task and record its end; returns the next task when the record claimed
+        one."""
         task = admitted.task
-        run = _Run(task, admitted.concurrency, admitted.capacity)
-        self.current = run
-        started = anyio.current_time()
+        run = Run(task, admitted.concurrency, admitted.capacity)
         log.info("claimed %s (%s, priority %d, attempt %d/%d, slot %s of %s)", task.task_id,
                  task.type, task.priority, task.attempts, task.max_attempts, run.concurrency,
                  run.capacity.limit if run.capacity else "-")
+        started = time.monotonic()
+        # the time limit starts now that the task holds a slot: it measures the run on the
+        # model, not the wait for one
+        run.deadline = started + task.timeout_s
+        self.current = run
+        self.watchdog.poke()
         result: str | None = None
         error: BaseException | None = None
         try:
-            async with anyio.create_task_group() as side:
-                side.start_soon(self._keep_alive, run)
-                with run.scope:
-                    # the time limit starts now that the task holds a slot: it measures the
-                    # run on the model, not the wait for one
-                    run.scope.deadline = anyio.current_time() + task.timeout_s
-                    try:
-                        backend = self._backend_for(task)
-                        prompt = await anyio.to_thread.run_sync(self._prompt_of, task)
-                        result = await backend.run(BackendRequest(
-                            task.task_id, prompt, task.timeout_s, model=task.model,
-                            system=task.system_prompt, options=task.options,
-                            output_schema=task.schema, workdir=task.workdir,
-                            on_progress=lambda p: self._on_progress(run, side, p),
-                        ))
-                    except BackendError as exc:
-                        error = exc
-                    except Exception as exc:  # a bug in a backend must not kill the worker
-                        log.exception("backend crashed on %s", task.task_id)
-                        error = exc
-                side.cancel_scope.cancel()
+            backend = self._backend_for(task)
+            result = backend.run_blocking(BackendRequest(
+                task.task_id, self._prompt_of(task), task.timeout_s, model=task.model,
+                system=task.system_prompt, options=task.options, output_schema=task.schema,
+                workdir=task.workdir, on_progress=lambda p: self._on_progress(run, p),
+            ), run.abort)
+        except Aborted:
+            pass  # run.interrupt says why
+        except BackendError as exc:
+            error = exc
+        except Exception as exc:  # a bug in a backend must not kill the worker
+            log.exception("backend crashed on %s", task.task_id)
+            error = exc
         finally:
             self.current = None
-        elapsed = anyio.current_time() - started
-        with anyio.CancelScope(shield=True):
-            await self._record(run, result, error, elapsed)
-        self.tasks_done += 1
+        if run.interrupt is not None:
+            result = None  # an answer that raced the stop is not the task's
+        return self._record(run, result, error, time.monotonic() - started)
 
-    def _on_progress(self, run: _Run, side: anyio.abc.TaskGroup,
-                     progress: GenerationProgress) -> None:
+    def _on_progress(self, run: Run, progress: GenerationProgress) -> None:
         """Called by the backend as output arrives: keep it in memory (heartbeats save it)."""
         run.progress = progress
         if progress.first_token_s is None or run.first_token_seen:
@@ -305,19 +285,10 @@ class Worker:
         if expected is not None and progress.first_token_s > expected:
             # the request waited inside the model server (its limit was set too high): that
             # wait is not the task's run, so its time limit does not pay for it
-            run.scope.deadline += progress.first_token_s - expected
+            run.deadline += progress.first_token_s - expected
         if run.concurrency is not None:
-            side.start_soon(self._observe, Observation(run.concurrency,
-                                                       first_token_s=progress.first_token_s))
-
-    async def _observe(self, observation: Observation) -> None:
-        try:
-            cap = await self._db(queue.observe_model_server, self.store, self.model_url,
-                                 observation, self.clock(), self.settings.max_workers)
-        except Exception:  # a measurement is not worth a task: log and go on
-            log.exception("could not record a measurement of %s", self.model_url)
-            return
-        log.debug("%s: %s -> limit %d", self.model_url, observation, cap.limit)
+            run.observations += (Observation(run.concurrency,
+                                             first_token_s=progress.first_token_s),)
 
     def _prompt_of(self, task: TaskSnapshot) -> str:
         """The prompt with the task's files, read now (they were checked at submit, but may
@@ -339,133 +310,158 @@ class Worker:
         except KeyError:
             raise BackendError(f"no backend for task type {task.type!r}", kind="bad_type") from None
 
-    async def _keep_alive(self, run: _Run) -> None:
-        """Renew the lease while the backend works; notice cancels, lost leases and drains."""
-        while True:
-            await anyio.sleep(self.settings.heartbeat_s)
-            progress = run.progress
-            generated = run.generated() if progress is not run.saved else None
-            beat: queue.Beat | None = None
-            try:
-                beat = await self._db(queue.heartbeat, self.store, self.worker_id,
-                                      run.task.task_id, self.clock(), self.settings.lease_s,
-                                      generated)
-            except Exception as exc:
-                if not is_store_fault(exc):
-                    raise
-                # the model goes on: the lease lasts three beats, and the next one may pass
-                self._store_failed(exc)
-            else:
-                self._store_back()
-                run.saved = progress
-            if beat == queue.Beat.CANCEL:
-                log.info("%s: cancel requested; stopping it", run.task.task_id)
-                run.stop(Interrupt.CANCEL)
-            elif beat == queue.Beat.LOST:
-                log.warning("%s: lease lost to another worker; abandoning it", run.task.task_id)
-                run.stop(Interrupt.LOST)
-            state = self.stop_state
-            if (state.draining and state.drain_started is not None and
-                    anyio.current_time() - state.drain_started > self.settings.drain_grace_s):
-                log.warning("%s: drain grace of %gs over; giving it back", run.task.task_id,
-                            self.settings.drain_grace_s)
-                run.stop(Interrupt.STOP)
+    def _beat(self, run: Run | None, generated: queue.Generated | None,
+              observations: tuple[Observation, ...]) -> queue.Beat | None:
+        """The watchdog's heartbeat: renew the lease (or the idle row), save the progress and
+        the measurements. None when the store failed: the model goes on (the lease lasts
+        three beats, and the next one may pass)."""
+        try:
+            now = self.clock()
+            if run is not None:
+                for observation in observations:
+                    self._observe(observation)
+            beat = queue.heartbeat(self.store, self.worker_id,
+                                   run.task.task_id if run is not None else None, now,
+                                   self.settings.lease_s, generated)
+        except Exception as exc:
+            if not is_store_fault(exc):
+                log.exception("heartbeat failed")
+                return None
+            self._store_failed(exc)
+            return None
+        self._store_back()
+        return beat
 
-    async def _record(self, run: _Run, result: str | None, error: BaseException | None,
-                      elapsed: float) -> None:
+    def _observe(self, observation: Observation) -> None:
+        cap = queue.observe_model_server(self.store, self.model_url, observation, self.clock(),
+                                         self.settings.max_workers)
+        log.debug("%s: %s -> limit %d", self.model_url, observation, cap.limit)
+
+    def _record(self, run: Run, result: str | None, error: BaseException | None,
+                elapsed: float) -> queue.Admitted | None:
+        """Record how the run ended; a completion also claims the next task."""
         task, now = run.task, self.clock()
         args = (self.store, task.task_id, self.worker_id)
         generated = run.generated()
+        self.tasks_done += 1
         if isinstance(error, BackendError) and error.kind == "busy" and run.interrupt is None:
-            await self._model_busy(run, str(error))
-            return
+            self._model_busy(run, str(error))
+            return None
         self._busy_streak = 0
+        if result is not None:
+            return self._complete(run, result, elapsed, generated)
         if run.interrupt == Interrupt.CANCEL:
-            await self._store(queue.mark_cancelled, *args, now, generated)
+            self._store(queue.mark_cancelled, *args, now, generated)
             log.info("%s: cancelled after %.2fs", task.task_id, elapsed)
         elif run.interrupt == Interrupt.LOST:
-            await self._store(queue.set_worker_status, self.store, self.worker_id,
-                           WorkerStatus.IDLE, now)
+            self._store(queue.set_worker_status, self.store, self.worker_id,
+                        WorkerStatus.IDLE, now)
         elif run.interrupt == Interrupt.STOP:
-            await self._store(queue.release, *args, now)
+            self._store(queue.release, *args, now)
             log.info("%s: given back to the queue", task.task_id)
-        elif result is not None:
-            accepted = await self._store(queue.complete, *args, result, now, generated)
-            log.info("%s: completed in %.2fs%s", task.task_id, elapsed,
-                     "" if accepted else " (already ended elsewhere; result dropped)")
-            if run.concurrency is not None and run.progress and run.progress.eval_tokens_per_s:
-                await self._observe(Observation(run.concurrency,
-                                                tokens_per_s=run.progress.eval_tokens_per_s))
-        elif error is None or elapsed >= task.timeout_s:
-            # the scope's deadline passed (or the backend's own read timeout fired with it):
-            # a task that ran out of time is not retried, it would only run out again
-            await self._store(queue.fail, *args, f"timed out after {task.timeout_s:g} s", now,
-                           kind="timeout", retry=False, generated=generated)
+        elif run.interrupt == Interrupt.TIMEOUT or error is None or elapsed >= task.timeout_s:
+            # the time limit passed (or the backend's own read timeout fired with it): a task
+            # that ran out of time is not retried, it would only run out again
+            self._store(queue.fail, *args, f"timed out after {task.timeout_s:g} s", now,
+                        kind="timeout", retry=False, generated=generated)
             log.warning("%s: timed out after %gs", task.task_id, task.timeout_s)
         else:
-            transient = isinstance(error, BackendError) and error.transient
-            kind = error.kind if isinstance(error, BackendError) else "internal"
-            message = str(error) if isinstance(error, BackendError) else (
-                f"internal error in the {task.type} backend: {type(error).__name__}: {error}")
-            after = await self._store(
-                queue.fail, *args, message, now, kind=kind, retry=transient,
-                backoff=(self.settings.retry_base_s, self.settings.retry_max_s),
-                jitter=self._rng.uniform(0.5, 1.0),
-            )
-            log.warning("%s: %s error (%s): %s", task.task_id, kind,
-                        after.status if after else "not ours", message)
+            self._failed(run, error, now)
+        self._write_observations(run)
+        return None
 
-    async def _model_busy(self, run: _Run, message: str) -> None:
+    def _complete(self, run: Run, result: str, elapsed: float,
+                  generated: queue.Generated | None) -> queue.Admitted | None:
+        """Store the result, what was measured, and claim the next task: one transaction."""
+        observations = run.take_observations()
+        if run.concurrency is not None and run.progress and run.progress.eval_tokens_per_s:
+            observations += (Observation(run.concurrency,
+                                         tokens_per_s=run.progress.eval_tokens_per_s),)
+        claim = (queue.NextClaim(self.settings.lease_s, self.model_url)
+                 if self._may_take_another() else None)
+        handed = self._store(
+            queue.complete_and_admit, self.store, run.task.task_id, self.worker_id, result,
+            self.clock(), generated, observations=observations,
+            max_limit=self.settings.max_workers,
+            model_url=self.model_url if run.concurrency is not None else None, claim=claim)
+        log.info("%s: completed in %.2fs%s", run.task.task_id, elapsed,
+                 "" if handed.accepted else " (already ended elsewhere; result dropped)")
+        return handed.next
+
+    def _failed(self, run: Run, error: BaseException, now: datetime) -> None:
+        task = run.task
+        transient = isinstance(error, BackendError) and error.transient
+        kind = error.kind if isinstance(error, BackendError) else "internal"
+        message = str(error) if isinstance(error, BackendError) else (
+            f"internal error in the {task.type} backend: {type(error).__name__}: {error}")
+        after = self._store(
+            queue.fail, self.store, task.task_id, self.worker_id, message, now, kind=kind,
+            retry=transient, backoff=(self.settings.retry_base_s, self.settings.retry_max_s),
+            jitter=self._rng.uniform(0.5, 1.0), generated=run.generated(),
+        )
+        log.warning("%s: %s error (%s): %s", task.task_id, kind,
+                    after.status if after else "not ours", message)
+
+    def _write_observations(self, run: Run) -> None:
+        for observation in run.take_observations():
+            try:
+                self._observe(observation)
+            except Exception:  # a measurement is not worth a task: log and go on
+                log.exception("could not record a measurement of %s", self.model_url)
+
+    def _model_busy(self, run: Run, message: str) -> None:
         """HTTP 503 "busy" is backpressure, not a failure: the task goes back without using
         an attempt, a little later, and the server's slot limit steps down."""
         self._busy_streak += 1
         delay = min(BUSY_RETRY_MAX_S, BUSY_RETRY_BASE_S * 2 ** min(self._busy_streak - 1, 10))
         delay *= self._rng.uniform(0.75, 1.25)
-        await self._store(queue.release, self.store, run.task.task_id, self.worker_id, self.clock(),
-                       retry_after_s=delay, reason=f"{message}; retrying in {delay:.1f} s")
+        self._store(queue.release, self.store, run.task.task_id, self.worker_id, self.clock(),
+                    retry_after_s=delay, reason=f"{message}; retrying in {delay:.1f} s")
         log.info("%s: model server busy; back in the queue for %.1fs", run.task.task_id, delay)
         if run.concurrency is not None:
-            await self._observe(Observation(run.concurrency, busy=True))
+            run.observations += (Observation(run.concurrency, busy=True),)
+        self._write_observations(run)
 
     # -- store faults ---------------------------------------------------------------------
-    async def _store(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    def _store(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """A store call that must happen (registering, recording a task's end): on a store
         fault, wait and try again until it works, so a locked database or a lost connection
         never costs a task its attempt. Gives up only when the worker is forced to stop."""
         while True:
             try:
-                result = await self._db(fn, *args, **kwargs)
+                result = fn(*args, **kwargs)
             except Exception as exc:
                 if not is_store_fault(exc) or self.stop_state.forced:
                     raise
-                await self._store_fault(exc)
+                self._store_fault(exc)
                 continue
             self._store_back()
             return result
 
-    async def _store_fault(self, exc: BaseException) -> None:
+    def _store_fault(self, exc: BaseException) -> None:
         """Note a store fault and back off (doubling, with jitter, up to STORE_RETRY_MAX_S)."""
-        self._store_failed(exc)
-        delay = min(STORE_RETRY_MAX_S, STORE_RETRY_BASE_S * 2 ** min(self._store_faults - 1, 10))
-        await anyio.sleep(delay * self._rng.uniform(0.5, 1.0))
+        faults = self._store_failed(exc)
+        delay = min(STORE_RETRY_MAX_S, STORE_RETRY_BASE_S * 2 ** min(faults - 1, 10))
+        self.stop_state.sleep(delay * self._rng.uniform(0.5, 1.0))
 
-    def _store_failed(self, exc: BaseException) -> None:
-        self._store_faults += 1
-        if self._store_down_since is None:  # once per outage, not once per try
-            self._store_down_since = anyio.current_time()
-            log.warning("the task store failed (%s); retrying with backoff", _fault_text(exc))
+    def _store_failed(self, exc: BaseException) -> int:
+        with self._faults:
+            self._store_faults += 1
+            if self._store_down_since is None:  # once per outage, not once per try
+                self._store_down_since = time.monotonic()
+                log.warning("the task store failed (%s); retrying with backoff",
+                            _fault_text(exc))
+            return self._store_faults
 
     def _store_back(self) -> None:
-        if self._store_down_since is not None:
-            log.warning("the task store answers again after %.1f s (%d failed calls)",
-                        anyio.current_time() - self._store_down_since, self._store_faults)
-            self._store_down_since = None
-            self._store_faults = 0
-
-    @staticmethod
-    async def _db(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run a store call off the event loop so heartbeats and signals stay responsive."""
-        return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+        if self._store_down_since is None:  # the hot path: no lock when all is well
+            return
+        with self._faults:
+            if self._store_down_since is not None:
+                log.warning("the task store answers again after %.1f s (%d failed calls)",
+                            time.monotonic() - self._store_down_since, self._store_faults)
+                self._store_down_since = None
+                self._store_faults = 0
 
 
 def _fault_text(exc: BaseException) -> str:
@@ -484,4 +480,4 @@ def run_worker(settings: Settings, store: Store, worker_id: str, *,
                  "is not killed with it")
     worker = Worker(settings, store, worker_id, build_backends(settings, worker_id),
                     supervisor_pid=supervisor_pid, max_tasks=max_tasks)
-    anyio.run(worker.run)
+    worker.run()

@@ -1,16 +1,31 @@
 """The contract every backend fulfils, and the errors it may raise.
 
 A backend turns one task (its type, prompt and model) into a result string. It never touches
-the database: the worker records what the backend returns or raises. Backends are async so
-that a cancel or a timeout aborts the call at once (anyio cancellation reaches the HTTP
-request or the child process).
+the database: the worker records what the backend returns or raises. Each backend can be
+called two ways, and a cancel or a timeout ends either at once:
+
+* ``run_blocking(request, abort)``: the worker's way (its loop is synchronous: see
+  ``worker``); ``abort.fire()`` from another thread or a signal handler ends the call, which
+  then raises ``Aborted``;
+* ``async run(request)``: for async callers; anyio cancellation ends the call.
+
+``run_in_thread`` and ``run_coroutine_blocking`` turn one into the other, so a backend writes
+only the one that suits it (Ollama: blocking HTTP; Codex: an async child process).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import anyio
+import anyio.to_thread
+
+from koubou_mcp.backends.http_stream import Abort, Aborted
+
+__all__ = ["Abort", "Aborted"]  # re-exported: the names a backend's caller needs
 
 #: Result text longer than this is truncated with a note (never a crash, never an unbounded row).
 MAX_RESULT_CHARS = 1_000_000
@@ -100,17 +115,89 @@ class PermanentBackendError(BackendError):
 
 
 class Backend(Protocol):
-    """One way of running a task. ``run`` returns the result text or raises BackendError.
+    """One way of running a task. ``run``/``run_blocking`` return the result text or raise
+    BackendError (``Aborted`` when aborted).
 
-    Implementations must honour anyio cancellation (the worker cancels the call when the task
-    is cancelled or its timeout passes) and must clean up what they started (child processes).
+    Implementations must end at once when cancelled or aborted (the worker does that when the
+    task is cancelled or its time limit passes) and must clean up what they started (child
+    processes).
     """
 
     name: str
 
+    def run_blocking(self, request: BackendRequest, abort: Abort) -> str: ...
+
     async def run(self, request: BackendRequest) -> str: ...
 
+    def close(self) -> None: ...
+
     async def aclose(self) -> None: ...
+
+
+#: how long a cancelled ``run_in_thread`` waits for the aborted call to wind up (its last
+#: progress report), s; an abort ends a call in milliseconds
+_ABORTED_CALL_GRACE_S = 10.0
+#: how often ``run_coroutine_blocking`` looks at its abort, s (signal-safe: no lock, no I/O)
+_ABORT_POLL_S = 0.05
+
+
+async def run_in_thread(blocking: Callable[[BackendRequest, Abort], str],
+                        request: BackendRequest) -> str:
+    """Run a blocking backend call in a thread; cancelling this call aborts it and waits
+    (shielded) until it has wound up, so its last progress report is in before we go on."""
+    abort = Abort()
+    ended = threading.Event()
+    outcome: list[tuple[bool, Any]] = []
+
+    def call() -> None:
+        try:
+            outcome.append((True, blocking(request, abort)))
+        except BaseException as exc:  # handed to the awaiting task below
+            outcome.append((False, exc))
+        finally:
+            ended.set()
+
+    try:
+        await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        abort.fire()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(ended.wait, _ABORTED_CALL_GRACE_S)
+        raise
+    ok, value = outcome[0]
+    if ok:
+        return str(value)
+    raise value
+
+
+def run_coroutine_blocking(run: Callable[[BackendRequest], Awaitable[str]],
+                           request: BackendRequest, abort: Abort) -> str:
+    """Run an async backend call to its end on an event loop of its own (this thread's);
+    ``abort.fire()`` cancels it (the call cleans up, then this raises ``Aborted``)."""
+    outcome: list[tuple[bool, Any]] = []
+
+    async def guarded() -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                while not abort.fired:
+                    await anyio.sleep(_ABORT_POLL_S)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            try:
+                outcome.append((True, await run(request)))
+            except Exception as exc:  # kept out of the task group's ExceptionGroup
+                outcome.append((False, exc))
+            tg.cancel_scope.cancel()
+
+    anyio.run(guarded)
+    if not outcome:
+        raise Aborted()
+    ok, value = outcome[0]
+    if ok:
+        return str(value)
+    raise value
 
 
 def truncation_note(total_chars: int, limit: int = MAX_RESULT_CHARS) -> str:

@@ -26,11 +26,13 @@ import anyio.abc
 
 from koubou_mcp.backends.base import (
     MAX_RESULT_CHARS,
+    Abort,
     BackendError,
     BackendRequest,
     PermanentBackendError,
     TransientBackendError,
     bound_result,
+    run_coroutine_blocking,
 )
 from koubou_mcp.backends.codex_events import CodexEvents
 from koubou_mcp.config import make_private_dir
@@ -229,6 +231,13 @@ class CodexBackend:
         else:
             result["error"] = f"`{path} --version` exited with code {returncode}{_stderr_suffix(stderr)}"
         return result
+
+    def run_blocking(self, request: BackendRequest, abort: Abort) -> str:
+        """``run`` on an event loop of its own; ``abort.fire()`` stops the child's group."""
+        return run_coroutine_blocking(self.run, request, abort)
+
+    def close(self) -> None:
+        """Nothing to release: every run cleans up its own child process."""
 
     async def aclose(self) -> None:
         """Nothing to release: every run cleans up its own child process."""

@@ -11,7 +11,6 @@ stream at once, which frees the model server's slot.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -20,6 +19,18 @@ from koubou_mcp.backends.base import (
     BackendRequest,
     PermanentBackendError,
     TransientBackendError,
+    run_in_thread,
+)
+from koubou_mcp.backends.http_stream import (
+    Abort,
+    Aborted,
+    BadURL,
+    Garbled,
+    NoReply,
+    Refused,
+    Reply,
+    Stalled,
+    StreamingClient,
 )
 from koubou_mcp.backends.stream import ChatStream
 from koubou_mcp.backends.structured import Misfit, parse_structured
@@ -72,7 +83,12 @@ def _error_text(body: bytes) -> str:
 
 
 class OllamaBackend:
-    """Runs a prompt as one non-streaming chat turn on an Ollama model."""
+    """Runs a prompt as one streamed chat turn on an Ollama model.
+
+    The worker calls ``run_blocking`` (its hot path: one kept-alive connection, aborted from
+    its watchdog thread); ``run`` is the same call for async callers, cancelled like any
+    anyio call. One call at a time per backend.
+    """
 
     name = "ollama"
 
@@ -83,24 +99,23 @@ class OllamaBackend:
         *,
         connect_timeout_s: float = 5.0,
         options: dict[str, Any] | None = None,
-        client: httpx.AsyncClient | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.connect_timeout_s = connect_timeout_s
         self.options = dict(options) if options else None
-        self._owns_client = client is None
-        self._client = client if client is not None else httpx.AsyncClient()
+        self._http = StreamingClient(self.base_url)
 
-    async def run(self, request: BackendRequest) -> str:
+    def run_blocking(self, request: BackendRequest, abort: Abort) -> str:
         """Stream the prompt's answer from ``/api/chat`` and return it (bounded).
 
         With an output schema, the server is asked for output in that format and the answer
         must fit it: one that does not is asked for once more, then the task fails saying why.
+        ``abort.fire()`` (from any thread) ends the call at once with ``Aborted``.
         """
         model = request.model or self.model
         payload = self.payload(request)
-        first = await self._once(model, payload, request)
+        first = self._once(model, payload, request, abort)
         if request.output_schema is None:
             return first
         try:
@@ -108,7 +123,7 @@ class OllamaBackend:
             return first
         except Misfit as exc:
             reason = str(exc)
-        second = await self._once(model, payload, request)
+        second = self._once(model, payload, request, abort)
         try:
             parse_structured(second, request.output_schema)
         except Misfit as exc:
@@ -117,6 +132,10 @@ class OllamaBackend:
                 f"{reason}); simplify the schema, say in the prompt what each field holds, "
                 "or use a more capable model", kind="schema_mismatch") from None
         return second
+
+    async def run(self, request: BackendRequest) -> str:
+        """``run_blocking`` for async callers: cancelling the call aborts the request."""
+        return await run_in_thread(self.run_blocking, request)
 
     def payload(self, request: BackendRequest) -> dict[str, Any]:
         """The ``/api/chat`` request body for ``request``."""
@@ -132,12 +151,13 @@ class OllamaBackend:
             payload["format"] = dict(request.output_schema)
         return payload
 
-    async def _once(self, model: str, payload: dict[str, Any], request: BackendRequest) -> str:
+    def _once(self, model: str, payload: dict[str, Any], request: BackendRequest,
+              abort: Abort) -> str:
         url = f"{self.base_url}/api/chat"
-        timeout = httpx.Timeout(request.timeout_s, connect=min(self.connect_timeout_s, request.timeout_s))
         chat = ChatStream(url, request.on_progress)
         try:
-            await self._stream(url, model, payload, timeout, chat)
+            self._stream(url, model, json.dumps(payload).encode(), request.timeout_s, chat,
+                         abort)
         except BaseException:
             chat.report(force=True)  # the caller keeps the text so far
             raise
@@ -152,26 +172,8 @@ class OllamaBackend:
         timeout = httpx.Timeout(timeout_s if timeout_s is not None else self.connect_timeout_s)
         result: dict[str, Any] = {"reachable": False, "version": None, "models": [], "error": None}
         try:
-            response = await self._client.get(f"{self.base_url}/api/version", timeout=timeout)
-            result["reachable"] = True
-            if response.status_code != 200:
-                result["error"] = (
-                    f"{self.base_url}/api/version answered HTTP {response.status_code}; "
-                    "is KOUBOU_OLLAMA_URL pointing at Ollama?"
-                )
-                return result
-            version = response.json().get("version")
-            result["version"] = version if isinstance(version, str) else None
-            response = await self._client.get(f"{self.base_url}/api/tags", timeout=timeout)
-            if response.status_code != 200:
-                result["error"] = f"{self.base_url}/api/tags answered HTTP {response.status_code}"
-                return result
-            models = response.json().get("models") or []
-            result["models"] = [
-                str(entry.get("name") or entry.get("model"))
-                for entry in models
-                if isinstance(entry, dict) and (entry.get("name") or entry.get("model"))
-            ]
+            async with httpx.AsyncClient(timeout=timeout) as client:
+                await self._probe(client, result)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             result["error"] = f"cannot reach Ollama at {self.base_url} ({exc}); {_FIX_UNREACHABLE}"
         except httpx.HTTPError as exc:
@@ -180,64 +182,80 @@ class OllamaBackend:
             result["error"] = f"Ollama at {self.base_url} sent an unexpected reply: {exc}"
         return result
 
-    async def aclose(self) -> None:
-        """Close the HTTP client if this backend created it."""
-        if self._owns_client:
-            await self._client.aclose()
+    async def _probe(self, client: httpx.AsyncClient, result: dict[str, Any]) -> None:
+        response = await client.get(f"{self.base_url}/api/version")
+        result["reachable"] = True
+        if response.status_code != 200:
+            result["error"] = (
+                f"{self.base_url}/api/version answered HTTP {response.status_code}; "
+                "is KOUBOU_OLLAMA_URL pointing at Ollama?"
+            )
+            return
+        version = response.json().get("version")
+        result["version"] = version if isinstance(version, str) else None
+        response = await client.get(f"{self.base_url}/api/tags")
+        if response.status_code != 200:
+            result["error"] = f"{self.base_url}/api/tags answered HTTP {response.status_code}"
+            return
+        models = response.json().get("models") or []
+        result["models"] = [
+            str(entry.get("name") or entry.get("model"))
+            for entry in models
+            if isinstance(entry, dict) and (entry.get("name") or entry.get("model"))
+        ]
 
-    async def _stream(
-        self, url: str, model: str, payload: dict[str, Any], timeout: httpx.Timeout, chat: ChatStream
-    ) -> None:
-        """POST ``payload`` and feed the streamed reply to ``chat``, mapping transport failures."""
+    def close(self) -> None:
+        """Close the kept-alive connection (the next call opens another)."""
+        self._http.close()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def _stream(self, url: str, model: str, body: bytes, timeout_s: float, chat: ChatStream,
+                abort: Abort) -> None:
+        """POST ``body`` and feed the streamed reply to ``chat``, mapping transport failures."""
+        connect_s = min(self.connect_timeout_s, timeout_s)
         try:
-            async with self._client.stream("POST", url, json=payload, timeout=timeout) as response:
-                try:
-                    if response.status_code >= 400:
-                        body = await _read_bounded(response, MAX_RESPONSE_BYTES)
-                        raise self._http_error(url, model, response.status_code, body)
-                    async for line in _lines(response, MAX_RESPONSE_BYTES):
-                        if chat.feed(line):
-                            return  # the final chunk: nothing more to read
+            with self._http.post("/api/chat", body, connect_timeout_s=connect_s,
+                                 read_timeout_s=timeout_s, abort=abort) as reply:
+                if reply.status >= 400:
+                    raise self._http_error(url, model, reply.status,
+                                           _read_bounded(reply, MAX_RESPONSE_BYTES, url))
+                if not _feed_lines(reply, chat, MAX_RESPONSE_BYTES, url) and not abort.fired:
                     chat.finish()
-                except httpx.TimeoutException as exc:
-                    raise TransientBackendError(
-                        f"Ollama at {url} stopped sending its reply for longer than the read "
-                        f"timeout ({timeout.read}s)",
-                        kind="timeout",
-                    ) from exc
-                except (httpx.TransportError, httpx.DecodingError) as exc:
-                    raise PermanentBackendError(
-                        f"Ollama at {url} sent a truncated or undecodable reply "
-                        f"(HTTP {response.status_code}): {type(exc).__name__}: {exc}",
-                        kind="malformed",
-                    ) from exc
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            if abort.fired:
+                raise Aborted()
+        except BadURL as exc:
+            raise PermanentBackendError(
+                f"invalid Ollama URL {self.base_url!r} ({exc}); set KOUBOU_OLLAMA_URL to "
+                "something like http://127.0.0.1:11434",
+                kind="bad_request",
+            ) from None
+        except Refused as exc:
             raise TransientBackendError(
-                f"cannot reach Ollama at {self.base_url} ({type(exc).__name__}: {exc}); {_FIX_UNREACHABLE}",
+                f"cannot reach Ollama at {self.base_url} ({exc}); {_FIX_UNREACHABLE}",
                 kind="unreachable",
-            ) from exc
-        except httpx.TimeoutException as exc:
+            ) from None
+        except NoReply as exc:
+            if exc.timed_out:
+                raise TransientBackendError(
+                    f"Ollama at {url} did not answer within {timeout_s:g}s", kind="timeout",
+                ) from None
             raise TransientBackendError(
-                f"Ollama at {url} did not answer within {timeout.read}s ({type(exc).__name__})",
-                kind="timeout",
-            ) from exc
-        except httpx.UnsupportedProtocol as exc:
-            raise PermanentBackendError(
-                f"invalid Ollama URL {self.base_url!r} ({exc}); set KOUBOU_OLLAMA_URL to "
-                "something like http://127.0.0.1:11434",
-                kind="bad_request",
-            ) from exc
-        except httpx.TransportError as exc:
-            raise TransientBackendError(
-                f"Ollama at {url} dropped the connection before answering ({type(exc).__name__}: {exc})",
+                f"Ollama at {url} dropped the connection before answering ({exc})",
                 kind="server_error",
-            ) from exc
-        except httpx.InvalidURL as exc:
+            ) from None
+        except Stalled:
+            raise TransientBackendError(
+                f"Ollama at {url} stopped sending its reply for longer than the read "
+                f"timeout ({timeout_s:g}s)",
+                kind="timeout",
+            ) from None
+        except Garbled as exc:
             raise PermanentBackendError(
-                f"invalid Ollama URL {self.base_url!r} ({exc}); set KOUBOU_OLLAMA_URL to "
-                "something like http://127.0.0.1:11434",
-                kind="bad_request",
-            ) from exc
+                f"Ollama at {url} sent a truncated or undecodable reply: {exc}",
+                kind="malformed",
+            ) from None
 
     def _http_error(
         self, url: str, model: str, status: int, body: bytes
@@ -273,40 +291,42 @@ class OllamaBackend:
         )
 
 
-async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
+def _read_bounded(reply: Reply, limit: int, url: str) -> bytes:
     """The whole response body, refusing (``malformed``) one longer than ``limit`` bytes."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    for chunk in reply.chunks():
         size += len(chunk)
         if size > limit:
-            raise PermanentBackendError(
-                f"Ollama at {response.request.url} sent a reply larger than {limit} bytes",
-                kind="malformed",
-            )
+            raise _too_large(url, limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def _lines(response: httpx.Response, limit: int) -> AsyncIterator[bytes]:
-    """The response body's lines as they arrive, refusing (``malformed``) more than ``limit``
-    bytes in all (one huge line included)."""
+def _feed_lines(reply: Reply, chat: ChatStream, limit: int, url: str) -> bool:
+    """Feed the body's NDJSON lines to ``chat`` as they arrive, refusing (``malformed``) more
+    than ``limit`` bytes in all; True when the final chunk came. The body is read to its end
+    even after the final chunk (it follows at once), so the connection can be kept."""
     buffer = bytearray()
     size = 0
-    async for chunk in response.aiter_bytes():
+    done = False
+    for chunk in reply.chunks():
         size += len(chunk)
         if size > limit:
-            raise PermanentBackendError(
-                f"Ollama at {response.request.url} sent a reply larger than {limit} bytes",
-                kind="malformed",
-            )
+            raise _too_large(url, limit)
         buffer += chunk
         if b"\n" not in chunk:
             continue
         *complete, rest = buffer.split(b"\n")
         buffer = bytearray(rest)
         for line in complete:
-            if line.strip():
-                yield bytes(line)
-    if buffer.strip():
-        yield bytes(buffer)
+            if not done and line.strip():
+                done = chat.feed(bytes(line))
+    if not done and buffer.strip():
+        done = chat.feed(bytes(buffer))
+    return done
+
+
+def _too_large(url: str, limit: int) -> PermanentBackendError:
+    return PermanentBackendError(f"Ollama at {url} sent a reply larger than {limit} bytes",
+                                 kind="malformed")

@@ -11,7 +11,8 @@ expiry are tested by handing it a fake time. Guarantees:
   ``max_attempts``; permanent ones and timeouts fail at once.
 
 The modules: ``statements`` (the SQL), ``submit`` (storing a new task),
-``claim`` (a task with a model-server slot), ``lifecycle`` (heartbeat, complete, fail, cancel,
+``claim`` (a task with a model-server slot), ``handover`` (a task's end and the next
+claim in one transaction), ``lifecycle`` (heartbeat, complete, fail, cancel,
 release, recovery), ``workers`` (the workers' rows), ``servers`` (model-server slots),
 ``reads`` (everything that only reads), ``records`` and ``errors``. Callers use the names
 re-exported here: ``from koubou_mcp import queue; queue.enqueue(...)``. Checking a new
@@ -23,6 +24,7 @@ from __future__ import annotations
 from koubou_mcp.models import TaskSnapshot, Worker, WorkerSnapshot
 from koubou_mcp.queue.claim import Admitted, admit_next, claim_next
 from koubou_mcp.queue.errors import TaskNotFound, TaskStateError
+from koubou_mcp.queue.handover import HandedOver, NextClaim, complete_and_admit
 from koubou_mcp.queue.lifecycle import (
     Beat,
     Generated,
@@ -82,6 +84,8 @@ __all__ = [
     "Beat",
     "Enqueued",
     "FinishedTask",
+    "HandedOver",
+    "NextClaim",
     "Generated",
     "InvalidTask",
     "MAX_IDEMPOTENCY_KEY",
@@ -101,6 +105,7 @@ __all__ = [
     "cancel",
     "claim_next",
     "complete",
+    "complete_and_admit",
     "configure_model_server",
     "counts_by_status",
     "enqueue",

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import Connection
+
 from koubou_mcp.admission import Capacity
 from koubou_mcp.models import TaskSnapshot
 from koubou_mcp.queue.records import task_snapshot
@@ -50,20 +52,28 @@ def admit_next(store: Store, worker_id: str, now: datetime, lease_s: float,
     with store.read() as conn:
         if conn.execute(ANY_READY, {"p_now": now}).first() is None:
             return None
+    with store.write() as conn:
+        return admit_in(conn, store.is_postgres, worker_id, now, lease_s, model_url)
+
+
+def admit_in(conn: Connection, postgres: bool, worker_id: str, now: datetime, lease_s: float,
+             model_url: str | None, *, capacity: Capacity | None = None) -> Admitted | None:
+    """``admit_next``'s claim inside the caller's write transaction; ``capacity``: the
+    server's row as this transaction already locked (and maybe changed) it."""
     params = {"p_worker": worker_id, "p_now": now, "p_url": model_url,
               "p_lease": now + timedelta(seconds=lease_s)}
-    with store.write() as conn:
+    in_flight = 0
+    if model_url is None:
         capacity = None
-        in_flight = 0
-        if model_url is not None:
-            capacity = lock_server(conn, model_url, now, store.is_postgres)
-            in_flight = int(conn.execute(IN_FLIGHT, {"p_url": model_url, "p_now": now})
-                            .scalar_one())
-            if in_flight >= capacity.limit:
-                return None
-        row = conn.execute(claim_statement(store.is_postgres), params).first()
-        if row is None:
+    else:
+        if capacity is None:
+            capacity = lock_server(conn, model_url, now, postgres)
+        in_flight = int(conn.execute(IN_FLIGHT, {"p_url": model_url, "p_now": now})
+                        .scalar_one())
+        if in_flight >= capacity.limit:
             return None
-        conn.execute(WORKER_BUSY, {"p_worker": worker_id, "p_task": row.task_id, "p_now": now})
+    row = conn.execute(claim_statement(postgres), params).first()
+    if row is None:
+        return None
+    conn.execute(WORKER_BUSY, {"p_worker": worker_id, "p_task": row.task_id, "p_now": now})
     return Admitted(task_snapshot(row), in_flight + 1 if model_url is not None else None, capacity)
-

@@ -80,14 +80,20 @@ def complete(store: Store, task_id: str, worker_id: str, result: str, now: datet
     is better than running the task again. Whoever finishes first gives the one final result.
     """
     with store.write() as conn:
-        params: dict[str, Any] = {"p_task": task_id, "p_worker": worker_id,
-                                  "p_result": result, "p_now": now}
-        statement = COMPLETE
-        if generated is not None:
-            statement = COMPLETE_COUNTED
-            params.update(p_tokens=generated.tokens, p_ttft=generated.first_token_s)
-        row = conn.execute(statement, params).first()
-        _worker_done(conn, worker_id, now, completed=row is not None, failed=False)
+        return complete_in(conn, task_id, worker_id, result, now, generated)
+
+
+def complete_in(conn: Connection, task_id: str, worker_id: str, result: str, now: datetime,
+                generated: Generated | None = None) -> bool:
+    """``complete`` inside the caller's write transaction."""
+    params: dict[str, Any] = {"p_task": task_id, "p_worker": worker_id,
+                              "p_result": result, "p_now": now}
+    statement = COMPLETE
+    if generated is not None:
+        statement = COMPLETE_COUNTED
+        params.update(p_tokens=generated.tokens, p_ttft=generated.first_token_s)
+    row = conn.execute(statement, params).first()
+    _worker_done(conn, worker_id, now, completed=row is not None, failed=False)
     return row is not None
 
 

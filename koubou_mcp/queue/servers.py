@@ -6,11 +6,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, select
 
 from koubou_mcp.admission import Capacity, Observation, next_capacity
 from koubou_mcp.queue.records import capacity_of, capacity_values
-from koubou_mcp.queue.statements import IN_FLIGHT, READY_COUNT, SERVER_INSERT_PG, M
+from koubou_mcp.queue.statements import (
+    IN_FLIGHT,
+    READY_COUNT,
+    SERVER_INSERT_PG,
+    SERVER_ROW,
+    SERVER_ROW_LOCKED,
+    SERVER_UPDATE,
+    M,
+)
 from koubou_mcp.store import Store
 
 
@@ -20,19 +28,23 @@ def lock_server(conn: Connection, url: str, now: datetime, postgres: bool) -> Ca
     On PostgreSQL the row lock serialises admissions to one server (SQLite's write lock does
     that already), so two workers never both take the last slot.
     """
-    query = select(M).where(M.c.url == url)
-    if postgres:
-        query = query.with_for_update()
-    row = conn.execute(query).first()
+    query = SERVER_ROW_LOCKED if postgres else SERVER_ROW
+    row = conn.execute(query, {"p_url": url}).first()
     if row is None:
         cap = Capacity(url=url)
         if postgres:
             conn.execute(SERVER_INSERT_PG, {"url": url, "now": now})
-            row = conn.execute(query).first()
+            row = conn.execute(query, {"p_url": url}).first()
             return capacity_of(row) if row is not None else cap
         conn.execute(M.insert().values(url=url, **capacity_values(cap, now)))
         return cap
     return capacity_of(row)
+
+
+def write_server(conn: Connection, cap: Capacity, now: datetime) -> None:
+    """Store what is known of a server (its row is locked by ``lock_server``)."""
+    values = {f"v_{name}": value for name, value in capacity_values(cap, now).items()}
+    conn.execute(SERVER_UPDATE, {"p_url": cap.url, **values})
 
 
 def configure_model_server(store: Store, url: str, pinned_limit: int | None,
@@ -51,7 +63,7 @@ def configure_model_server(store: Store, url: str, pinned_limit: int | None,
                            baseline_tps=cap.baseline_tps, busy_events=cap.busy_events)
         else:
             return cap
-        conn.execute(update(M).where(M.c.url == url).values(**capacity_values(new, now)))
+        write_server(conn, new, now)
     store.notify_new_work()
     return new
 
@@ -60,13 +72,21 @@ def observe_model_server(store: Store, url: str, observation: Observation, now: 
                          max_limit: int) -> Capacity:
     """Apply one request's measurements to what is known of the server (``admission``)."""
     with store.write() as conn:
-        before = lock_server(conn, url, now, store.is_postgres)
-        after = next_capacity(before, observation, now, max_limit)
-        if after != before:
-            conn.execute(update(M).where(M.c.url == url).values(**capacity_values(after, now)))
+        before, after = observe_in(conn, store.is_postgres, url, observation, now, max_limit)
     if after.limit > before.limit:
         store.notify_new_work()  # a worker waiting for a slot can take the new one
     return after
+
+
+def observe_in(conn: Connection, postgres: bool, url: str, observation: Observation,
+               now: datetime, max_limit: int) -> tuple[Capacity, Capacity]:
+    """``observe_model_server`` inside the caller's write transaction: (before, after); the
+    caller wakes workers when the limit went up."""
+    before = lock_server(conn, url, now, postgres)
+    after = next_capacity(before, observation, now, max_limit)
+    if after != before:
+        write_server(conn, after, now)
+    return before, after
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ from koubou_mcp.backends import (
     TransientBackendError,
     model_present,
 )
+from koubou_mcp.backends.http_stream import Abort, Aborted
 from tests.fakes.ollama_server import FakeOllama, FakeOllamaProcess
+from tests.support.scripted_http import full_backlog, json_reply, ndjson_stream, scripted
 from tests.support.waiting import async_wait_until, wait_until
 
 MODEL = "gpt-oss:20b"
@@ -66,16 +68,6 @@ def request(
     return BackendRequest(
         task_id="t-1", prompt=prompt, timeout_s=timeout_s, model=model, on_progress=on_progress
     )
-
-
-def ndjson_reply(*chunks: dict[str, object]) -> Callable[[httpx.Request], httpx.Response]:
-    """A mock transport handler answering with these NDJSON chunks."""
-    body = b"".join(json.dumps(chunk).encode() + b"\n" for chunk in chunks)
-
-    def reply(req: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=body, headers={"content-type": "application/x-ndjson"})
-
-    return reply
 
 
 # -- success ---------------------------------------------------------------------------------
@@ -150,16 +142,13 @@ async def test_nothing_listening_is_a_transient_unreachable_error_naming_the_url
 
 @pytest.mark.anyio
 async def test_a_connect_timeout_is_reported_as_unreachable() -> None:
-    def refuse(req: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectTimeout("timed out connecting", request=req)
-
-    client = httpx.AsyncClient(transport=httpx.MockTransport(refuse))
-    backend = OllamaBackend("http://10.255.255.1:11434", MODEL, client=client)
-    with pytest.raises(TransientBackendError) as caught:
-        await backend.run(request())
-    await client.aclose()
+    with full_backlog() as url:
+        backend = OllamaBackend(url, MODEL, connect_timeout_s=0.3)
+        with pytest.raises(TransientBackendError) as caught:
+            await backend.run(request())
+        await backend.aclose()
     assert caught.value.kind == "unreachable"
-    assert "10.255.255.1:11434" in str(caught.value)
+    assert url in str(caught.value)
 
 
 @pytest.mark.anyio
@@ -239,14 +228,11 @@ async def test_a_garbled_reply_is_a_permanent_malformed_error_with_the_reason(
 
 @pytest.mark.anyio
 async def test_a_reply_without_message_content_is_malformed() -> None:
-    def reply(req: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"model": MODEL, "message": {"role": "assistant"}})
-
-    client = httpx.AsyncClient(transport=httpx.MockTransport(reply))
-    backend = OllamaBackend("http://ollama.test", MODEL, client=client)
-    with pytest.raises(PermanentBackendError) as caught:
-        await backend.run(request())
-    await client.aclose()
+    with scripted(json_reply({"model": MODEL, "message": {"role": "assistant"}})) as server:
+        backend = OllamaBackend(server.url, MODEL)
+        with pytest.raises(PermanentBackendError) as caught:
+            await backend.run(request())
+        await backend.aclose()
     assert caught.value.kind == "malformed"
     assert "message.content" in str(caught.value)
 
@@ -293,12 +279,55 @@ async def test_cancelling_a_call_abandons_the_request_at_once(
 
 
 @pytest.mark.anyio
-async def test_aclose_leaves_a_client_it_was_given_open(fake: FakeOllama) -> None:
-    async with httpx.AsyncClient() as client:
-        backend = OllamaBackend(fake.url, MODEL, client=client)
+async def test_calls_share_one_kept_alive_connection(backend: OllamaBackend) -> None:
+    with scripted(ndjson_stream(
+        {"message": {"role": "assistant", "content": "hi"}, "done": False},
+        {"message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop"},
+    )) as server:
+        backend = OllamaBackend(server.url, MODEL)
+        for _ in range(3):
+            assert await backend.run(request()) == "hi"
         await backend.aclose()
-        assert not client.is_closed
-        assert await backend.run(request()) == "echo: hello"
+    assert server.requests == 3
+    assert server.connections == 1  # the body is read past the final chunk to its end
+
+
+@pytest.mark.anyio
+async def test_a_kept_alive_connection_the_server_closed_is_replaced_without_an_error() -> None:
+    with scripted(ndjson_stream(
+        {"message": {"role": "assistant", "content": "hi"}, "done": True},
+    ), close_after_reply=True) as server:
+        backend = OllamaBackend(server.url, MODEL)
+        for _ in range(3):
+            assert await backend.run(request()) == "hi"
+        await backend.aclose()
+    assert server.connections == 3
+
+
+def test_abort_from_another_thread_ends_a_blocking_call_at_once(fake: FakeOllama) -> None:
+    fake.configure(mode="hang")
+    backend = OllamaBackend(fake.url, MODEL)
+    abort = Abort()
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            backend.run_blocking(request(timeout_s=60), abort)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    wait_until(lambda: fake.stats()["active"] == 1, timeout=10)
+    abort.fire()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert [type(e) for e in outcome] == [Aborted]
+    wait_until(lambda: fake.stats()["active"] == 0, timeout=10)  # the server saw us leave
+    fake.configure(mode="ok")
+    fake.release()
+    assert backend.run_blocking(request("after"), Abort()) == "echo: after"
+    backend.close()
 
 
 # -- streaming, progress, model override ----------------------------------------------------
@@ -381,15 +410,15 @@ async def test_a_request_can_run_on_another_model_than_the_backends(
 
 @pytest.mark.anyio
 async def test_a_thinking_models_reasoning_counts_as_tokens_but_not_as_the_answer() -> None:
-    transport = httpx.MockTransport(ndjson_reply(
+    reply = ndjson_stream(
         {"message": {"role": "assistant", "content": "", "thinking": "hmm"}, "done": False},
         {"message": {"role": "assistant", "content": "", "thinking": " ok"}, "done": False},
         {"message": {"role": "assistant", "content": "42"}, "done": False},
         {"message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop"},
-    ))
+    )
     reports: list[GenerationProgress] = []
-    async with httpx.AsyncClient(transport=transport) as client:
-        backend = OllamaBackend("http://ollama.test", MODEL, client=client)
+    with scripted(reply) as server:
+        backend = OllamaBackend(server.url, MODEL)
         assert await backend.run(request(on_progress=reports.append)) == "42"
     assert reports[-1].tokens == 3 and reports[-1].done
     assert reports[0].first_token_s is not None and reports[0].text == ""
@@ -397,13 +426,13 @@ async def test_a_thinking_models_reasoning_counts_as_tokens_but_not_as_the_answe
 
 @pytest.mark.anyio
 async def test_an_error_in_the_middle_of_the_stream_is_a_transient_server_error() -> None:
-    transport = httpx.MockTransport(ndjson_reply(
+    reply = ndjson_stream(
         {"message": {"role": "assistant", "content": "par"}, "done": False},
         {"error": "an error was encountered while running the model"},
-    ))
+    )
     reports: list[GenerationProgress] = []
-    async with httpx.AsyncClient(transport=transport) as client:
-        backend = OllamaBackend("http://ollama.test", MODEL, client=client)
+    with scripted(reply) as server:
+        backend = OllamaBackend(server.url, MODEL)
         with pytest.raises(TransientBackendError) as caught:
             await backend.run(request(on_progress=reports.append))
     assert caught.value.kind == "server_error"
@@ -413,11 +442,11 @@ async def test_an_error_in_the_middle_of_the_stream_is_a_transient_server_error(
 
 @pytest.mark.anyio
 async def test_a_stream_that_ends_without_its_final_chunk_is_truncated() -> None:
-    transport = httpx.MockTransport(ndjson_reply(
+    reply = ndjson_stream(
         {"message": {"role": "assistant", "content": "half"}, "done": False},
-    ))
-    async with httpx.AsyncClient(transport=transport) as client:
-        backend = OllamaBackend("http://ollama.test", MODEL, client=client)
+    )
+    with scripted(reply) as server:
+        backend = OllamaBackend(server.url, MODEL)
         with pytest.raises(PermanentBackendError) as caught:
             await backend.run(request())
     assert caught.value.kind == "malformed"

@@ -1,0 +1,165 @@
+"""The worker's second thread: heartbeats, cancel and lost-lease notices, time limits.
+
+The worker's own thread runs one task at a time and blocks in the backend call (see
+``worker``). This thread keeps time beside it: it renews the lease every ``heartbeat_s``
+(saving what the model generated so far, and what was measured of the model server), and it
+stops the task (``Run.stop``: the backend call is aborted at once) when a heartbeat finds a
+cancel request or the lease lost, when the task's time limit passes, or when a drain's grace
+is over. Idle, it heartbeats the worker row on the same interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from koubou_mcp import queue
+from koubou_mcp.admission import Capacity, Observation
+from koubou_mcp.backends.base import Abort, GenerationProgress
+from koubou_mcp.models import TaskSnapshot
+
+log = logging.getLogger("koubou_mcp.worker")
+
+
+class Interrupt(StrEnum):
+    """Why a running task was stopped before its backend returned."""
+
+    CANCEL = "cancel"  # the user cancelled it
+    LOST = "lost"  # the lease is gone; another worker owns it now
+    STOP = "stop"  # the worker was told to stop now (second signal, or drain grace over)
+    TIMEOUT = "timeout"  # the task's time limit passed
+
+
+@dataclass
+class Run:
+    """The task being worked on, how to interrupt it, and what its model produced so far.
+
+    Shared by the two threads: the worker's writes ``progress``, ``deadline`` and
+    ``observations``; the watchdog reads them and sets ``interrupt``. Each field is replaced
+    whole (never mutated in place), which is atomic in Python.
+    """
+
+    task: TaskSnapshot
+    concurrency: int | None = None
+    capacity: Capacity | None = None
+    abort: Abort = field(default_factory=Abort)
+    #: when the time limit passes (time.monotonic); it starts when the task holds a slot
+    deadline: float = float("inf")
+    interrupt: Interrupt | None = None
+    progress: GenerationProgress | None = None
+    #: the progress last written to the store (a heartbeat writes only when it changed)
+    saved: GenerationProgress | None = None
+    first_token_seen: bool = False
+    #: measurements of the model server not yet written (the watchdog's next beat writes
+    #: them, or the hand-over to the next task does)
+    observations: tuple[Observation, ...] = ()
+
+    def stop(self, why: Interrupt) -> None:
+        """Stop the task (from any thread or a signal handler): its backend call ends now."""
+        if self.interrupt is None:
+            self.interrupt = why
+        self.abort.fire()
+
+    def generated(self) -> queue.Generated | None:
+        p = self.progress
+        if p is None:
+            return None
+        return queue.Generated(p.text or None, p.tokens, p.first_token_s)
+
+    def take_observations(self) -> tuple[Observation, ...]:
+        taken, self.observations = self.observations, ()
+        return taken
+
+
+@dataclass(frozen=True)
+class WatchdogHooks:
+    """What the watchdog needs of its worker (kept narrow so it can be tested alone)."""
+
+    current: Callable[[], Run | None]
+    #: one heartbeat: (the run or None, the progress to save or None, observations) -> what
+    #: it learned, or None when the store failed (nothing was written; the next beat retries)
+    beat: Callable[[Run | None, queue.Generated | None, tuple[Observation, ...]],
+                   queue.Beat | None]
+    #: when the drain started (time.monotonic), or None when the worker is not draining
+    drain_started: Callable[[], float | None]
+    drain_grace_s: float
+    heartbeat_s: float
+    clock: Callable[[], datetime]
+
+
+class Watchdog:
+    """Runs ``WatchdogHooks`` on a thread of its own until ``stop``."""
+
+    def __init__(self, hooks: WatchdogHooks) -> None:
+        self.hooks = hooks
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="koubou-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def poke(self) -> None:
+        """Look again now (a task started: its deadline counts from now)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        next_beat = time.monotonic() + self.hooks.heartbeat_s
+        while not self._stopped:
+            run = self.hooks.current()
+            now = time.monotonic()
+            if run is not None and run.interrupt is None:
+                self._check_limits(run, now)
+            if now >= next_beat:
+                self._beat(run)
+                next_beat = time.monotonic() + self.hooks.heartbeat_s
+            wait = next_beat - time.monotonic()
+            if run is not None and run.interrupt is None:
+                wait = min(wait, run.deadline - time.monotonic())
+            self._wake.wait(max(0.0, wait))
+            self._wake.clear()
+
+    def _check_limits(self, run: Run, now: float) -> None:
+        if now >= run.deadline:
+            log.warning("%s: time limit of %gs reached; stopping it", run.task.task_id,
+                        run.task.timeout_s)
+            run.stop(Interrupt.TIMEOUT)
+            return
+        started = self.hooks.drain_started()
+        if started is not None and now - started > self.hooks.drain_grace_s:
+            log.warning("%s: drain grace of %gs over; giving it back", run.task.task_id,
+                        self.hooks.drain_grace_s)
+            run.stop(Interrupt.STOP)
+
+    def _beat(self, run: Run | None) -> None:
+        progress = run.progress if run is not None else None
+        generated = None
+        if run is not None and progress is not run.saved:
+            generated = run.generated()
+        observations = run.take_observations() if run is not None else ()
+        beat = self.hooks.beat(run, generated, observations)
+        if run is None:
+            return
+        if beat is None:  # not written: keep what was to be written for the next beat
+            run.observations = observations + run.observations
+            return
+        if beat is not queue.Beat.LOST:
+            run.saved = progress
+        if run is not self.hooks.current():
+            return  # the task ended while we wrote: what the beat says is about the past
+        if beat == queue.Beat.CANCEL:
+            log.info("%s: cancel requested; stopping it", run.task.task_id)
+            run.stop(Interrupt.CANCEL)
+        elif beat == queue.Beat.LOST:
+            log.warning("%s: lease lost to another worker; abandoning it", run.task.task_id)
+            run.stop(Interrupt.LOST)
