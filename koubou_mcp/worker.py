@@ -203,7 +203,9 @@ class Worker:
                     self.clock())
         self._last_recovery = time.monotonic()
         admitted: queue.Admitted | None = None
-        while not self._should_exit():
+        # a task claimed with the last one's record is this worker's current task: a drain
+        # finishes it too (leaving it would strand it until its lease runs out)
+        while admitted is not None or not self._should_exit():
             if (problem := self.store.file_problem()) is not None:
                 log.error("%s; this worker stops (restart the server to open a new one)",
                           problem)
@@ -252,6 +254,8 @@ class Worker:
         # model, not the wait for one
         run.deadline = started + task.timeout_s
         self.current = run
+        if self.stop_state.forced:
+            run.stop(Interrupt.STOP)  # claimed as the stop came: straight back to the queue
         self.watchdog.poke()
         result: str | None = None
         error: BaseException | None = None

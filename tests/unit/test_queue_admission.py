@@ -180,3 +180,61 @@ def test_a_task_waiting_past_the_wait_bound_fails_with_the_reason(
     task = queue.get_task(store, old)
     assert task.status == TaskStatus.FAILED and task.error_kind == "wait_timeout"
     assert "KOUBOU_MAX_WAIT" in (task.error or "")
+
+
+# -- the hand-over: complete, observe and claim the next in one transaction ---------------------
+
+
+def test_a_hand_over_completes_the_task_and_claims_the_next_with_the_freed_slot(
+        store: Store, store_settings: Settings) -> None:
+    ids = submit(store, store_settings, 3)
+    workers(store, "w1", "w2")
+    first = queue.admit_next(store, "w1", at(1), 30, URL)
+    assert first is not None
+    first_id = first.task.task_id
+    assert queue.admit_next(store, "w2", at(1), 30, URL) is None  # one slot, taken
+    handed = queue.complete_and_admit(
+        store, first_id, "w1", "done", at(2), queue.Generated("done", 1, 0.1),
+        observations=[Observation(1, first_token_s=0.1)], max_limit=5, model_url=URL,
+        claim=queue.NextClaim(30, URL))
+    assert handed.accepted
+    assert handed.next is not None and handed.next.task.task_id in ids
+    second_id = handed.next.task.task_id
+    [third_id] = [i for i in ids if i not in (first_id, second_id)]
+    assert handed.next.concurrency == 1  # the slot the first task gave back
+    done = queue.get_task(store, first_id)
+    assert done.status == TaskStatus.COMPLETED and done.result == "done"
+    assert queue.get_task(store, second_id).worker_id == "w1"
+    assert queue.get_task(store, third_id).status == TaskStatus.PENDING
+    [worker] = [w for w in queue.list_workers(store) if w.worker_id == "w1"]
+    assert worker.tasks_completed == 1 and worker.current_task == second_id
+    [use] = queue.model_servers(store, at(2))
+    assert use.capacity.last_ttft_s == 0.1  # the observation was applied
+
+
+def test_a_hand_over_without_a_claim_leaves_the_worker_idle(
+        store: Store, store_settings: Settings) -> None:
+    [task_id] = submit(store, store_settings, 1)
+    workers(store, "w1")
+    assert queue.admit_next(store, "w1", at(1), 30, URL) is not None
+    handed = queue.complete_and_admit(store, task_id, "w1", "r", at(2), None, model_url=URL,
+                                      claim=queue.NextClaim(30, URL))
+    assert handed.accepted and handed.next is None  # nothing left to claim
+    [worker] = queue.list_workers(store)
+    assert worker.status == "idle" and worker.current_task is None
+
+
+def test_a_hand_over_of_a_task_that_ended_elsewhere_drops_the_result_but_still_claims(
+        store: Store, store_settings: Settings) -> None:
+    ids = submit(store, store_settings, 2)
+    workers(store, "w1")
+    claimed = queue.admit_next(store, "w1", at(1), 30, None)
+    assert claimed is not None
+    first_id = claimed.task.task_id
+    [second_id] = [i for i in ids if i != first_id]
+    assert queue.complete(store, first_id, "w1", "first", at(2))
+    handed = queue.complete_and_admit(store, first_id, "w1", "again", at(3), None,
+                                      claim=queue.NextClaim(30, None))
+    assert not handed.accepted
+    assert queue.get_task(store, first_id).result == "first"
+    assert handed.next is not None and handed.next.task.task_id == second_id
