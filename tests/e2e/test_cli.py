@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from koubou_mcp.config import Settings
 from tests.e2e.conftest import Leftovers
 from tests.fakes.ollama_server import FakeOllama
 from tests.support.env import child_env
-from tests.support.processes import koubou_command
+from tests.support.processes import bound_by_file_modes, koubou_command
 from tests.support.procfs import worker_processes
 from tests.support.waiting import wait_until
 
@@ -266,24 +265,17 @@ def test_doctor_explains_a_database_directory_that_cannot_be_created(
 
 
 def test_doctor_reports_a_read_only_database(e2e_settings: Settings) -> None:
-    """As root every file is writable, so then the doctor runs as nobody (via setpriv)."""
-    as_nobody: list[str] = []
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("root writes to read-only files and setpriv is missing to drop root")
-        as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
-    home = Path(tempfile.mkdtemp(prefix="koubou-ro-"))  # tmp_path is private to root
+    """As root every file is writable, so then the doctor runs without the capabilities that
+    override file modes (``bound_by_file_modes``), wherever the checkout is."""
+    bound = bound_by_file_modes()
+    home = Path(tempfile.mkdtemp(prefix="koubou-ro-"))
     try:
         settings = e2e_settings.with_overrides(home=home, database_url="")  # "": under home
         assert koubou(settings, "submit", "make the database").returncode == 0
-        if as_nobody:  # the home must be the doctor's own, or it is refused for that alone
-            for path in [home, *home.rglob("*")]:
-                os.chown(path, 65534, 65534)
         db = settings.home / "db" / "koubou.db"
         db.chmod(0o444)
         db.parent.chmod(0o555)
-        raw = subprocess.run([*as_nobody, koubou_command(), "doctor"], env=child_env(settings),
+        raw = subprocess.run([*bound, koubou_command(), "doctor"], env=child_env(settings),
                              capture_output=True, timeout=60, check=False,
                              stdin=subprocess.DEVNULL)
         out = raw.stdout.decode()
@@ -294,6 +286,27 @@ def test_doctor_reports_a_read_only_database(e2e_settings: Settings) -> None:
         for path in home.rglob("*"):
             path.chmod(0o700 if path.is_dir() else 0o600)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_process_bound_by_file_modes_still_reads_a_checkout_only_we_may_enter(
+    tmp_path: Path,
+) -> None:
+    """What the read-only test relies on: the bound child cannot write a read-only file, yet
+    it runs code from a directory nobody but us may enter (a checkout under a 0700 home)."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "probe.py").write_text(
+        "import os, sys\n"
+        "target = sys.argv[1]\n"
+        "print('writable' if os.access(target, os.W_OK) else 'read-only')\n")
+    locked = tmp_path / "locked.txt"
+    locked.write_text("x")
+    locked.chmod(0o444)
+    raw = subprocess.run([*bound_by_file_modes(), sys.executable, str(private / "probe.py"),
+                          str(locked)], capture_output=True, timeout=30, check=False,
+                         stdin=subprocess.DEVNULL)
+    assert raw.returncode == 0, raw.stderr.decode()
+    assert raw.stdout.decode().strip() == "read-only"
 
 
 # -- hostile text, closed pipes, nothing to run the task ----------------------------------

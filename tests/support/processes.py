@@ -132,3 +132,24 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
 
 def wait_dead(pid: int, timeout: float = 10) -> None:
     wait_until(lambda: not pid_alive(pid), timeout=timeout, message=f"pid {pid} to be gone")
+
+
+def bound_by_file_modes() -> list[str]:
+    """A command prefix under which file modes bind us, even as root: empty for any other
+    user; as root, ``setpriv`` taking CAP_DAC_OVERRIDE and CAP_FOWNER out of the bounding set
+    (the child cannot write a read-only file or chmod its way around it), or a skip when
+    setpriv is missing.
+
+    The child stays uid 0 and keeps CAP_DAC_READ_SEARCH, so it still reads the checkout, its
+    virtual environment and the interpreter wherever they are: switching to user nobody
+    instead failed as soon as the checkout sat under a directory only its owner may enter
+    (nobody could not open the console script). The home stays ours, as its check wants.
+    """
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        import pytest  # here: the benchmarks import this module and need no pytest
+
+        pytest.skip("root writes to read-only files and setpriv is missing to stop that")
+    return [setpriv, "--bounding-set=-dac_override,-fowner", "--inh-caps=-all"]
