@@ -59,7 +59,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from koubou_mcp import __version__, queue
 from koubou_mcp.config import Settings
-from koubou_mcp.models import TaskStatus, WorkerStatus, utcnow
+from koubou_mcp.models import TaskStatus, WorkerStatus, elapsed_s, utcnow
 from koubou_mcp.store import Store
 
 log = logging.getLogger("koubou_mcp.metrics")
@@ -70,8 +70,9 @@ DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 30
 #: Upper bounds of the queue-wait buckets, s: from an idle worker's milliseconds to a backlog
 WAIT_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
                   3600.0)
-#: Finished tasks are read again for this long behind the newest one seen, so that one whose
-#: transaction committed late (or whose worker's clock is behind) is still counted, once, s
+#: Finished tasks are read again for this long behind the newest one seen (or behind the
+#: scrape's own clock, when a host's clock runs ahead), so that one whose transaction committed
+#: late (or whose worker's clock is behind) is still counted, once, s
 LATE_MARGIN_S = 120.0
 #: Worker states shown even when no worker is in them (so the series do not come and go)
 WORKER_STATES = (WorkerStatus.STARTING.value, WorkerStatus.IDLE.value, WorkerStatus.BUSY.value,
@@ -112,6 +113,13 @@ class FinishedTally:
 
     Remembers the ids it counted within ``margin_s`` of the newest finish it saw: reading
     from there again counts a late-committed task once and never counts one twice.
+
+    The stamps come from several hosts' clocks. One host whose clock runs ahead must not drag
+    the next read's start into the future: every task finished meanwhile by the hosts with
+    the right time would be left out (until that future came). So the newest finish counts
+    at most as ``now``, the reader's clock when it passes one; a task stamped later than that
+    is read again at every scrape until the horizon passes its stamp, and counted once (its id
+    is remembered as long). Run and wait times never count below zero (``elapsed_s``).
     """
 
     def __init__(self, margin_s: float = LATE_MARGIN_S) -> None:
@@ -127,8 +135,9 @@ class FinishedTally:
         """Where the next read starts (None: from the beginning)."""
         return None if self._newest is None else self._newest - self.margin
 
-    def add(self, tasks: Iterable[queue.FinishedTask]) -> int:
-        """Count the tasks not counted yet; return how many were new."""
+    def add(self, tasks: Iterable[queue.FinishedTask], now: datetime | None = None) -> int:
+        """Count the tasks not counted yet; return how many were new. ``now``: the reader's
+        clock, beyond which a stamp does not move where the next read starts."""
         added = 0
         for task in tasks:
             if task.task_id in self._seen:
@@ -136,8 +145,9 @@ class FinishedTally:
             self._seen[task.task_id] = task.finished_at
             self._observe(task)
             added += 1
-            if self._newest is None or task.finished_at > self._newest:
-                self._newest = task.finished_at
+            finished = task.finished_at if now is None else min(task.finished_at, now)
+            if self._newest is None or finished > self._newest:
+                self._newest = finished
         horizon = self.since
         if horizon is not None:
             self._seen = {k: at for k, at in self._seen.items() if at >= horizon}
@@ -145,10 +155,10 @@ class FinishedTally:
 
     def _observe(self, task: queue.FinishedTask) -> None:
         if task.started_at is not None:  # it ran (a task cancelled while pending did not)
-            run_s = max(0.0, (task.finished_at - task.started_at).total_seconds())
+            run_s = elapsed_s(task.started_at, task.finished_at)
             self.durations.setdefault((task.type, task.status),
                                       Histogram(DURATION_BUCKETS_S)).observe(run_s)
-            wait_s = max(0.0, (task.started_at - task.created_at).total_seconds())
+            wait_s = elapsed_s(task.created_at, task.started_at)
             self.waits.setdefault(task.type, Histogram(WAIT_BUCKETS_S)).observe(wait_s)
         if task.status == TaskStatus.FAILED.value:
             key = (task.type, task.error_kind or "unknown")
@@ -192,7 +202,7 @@ class StoreCollector:
             workers = queue.list_workers(store)
             retrying = queue.retrying_by_kind(store)
             servers = queue.model_servers(store, now)
-            self._tally.add(queue.finished_since(store, self._tally.since))
+            self._tally.add(queue.finished_since(store, self._tally.since), now)
         except (SQLAlchemyError, LookupError) as exc:
             log.warning("metrics: cannot read the store: %s", str(exc).splitlines()[0])
             up.add_metric([], 0)

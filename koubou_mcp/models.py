@@ -24,6 +24,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def elapsed_s(start: datetime, end: datetime) -> float:
+    """Seconds from ``start`` to ``end``, never negative.
+
+    A task's stamps come from the clocks of whichever hosts wrote them: created by the server
+    that took it, started and finished by a worker, failed by a supervisor or cancelled by a
+    server elsewhere. With one clock behind another the difference comes out negative; that
+    is a clock error, not a time anything took, so it counts as zero.
+    """
+    return max(0.0, (end - start).total_seconds())
+
+
 class TaskStatus(StrEnum):
     PENDING = "pending"
     IN_PROGRESS = "in_progress"

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from koubou_mcp.backends import structured
-from koubou_mcp.models import FINAL_STATUSES, TaskSnapshot, TaskStatus, utcnow
+from koubou_mcp.models import FINAL_STATUSES, TaskSnapshot, TaskStatus, elapsed_s, utcnow
 
 #: The longest prompt a listing shows, characters
 PREVIEW_CHARS = 80
@@ -94,7 +94,7 @@ class TaskRecord(BaseModel):
     def of(cls, task: TaskSnapshot, *, include_prompt: bool = True) -> TaskRecord:
         duration = None
         if task.started_at and task.finished_at:
-            duration = round((task.finished_at - task.started_at).total_seconds(), 3)
+            duration = round(elapsed_s(task.started_at, task.finished_at), 3)
         return cls(
             task_id=task.task_id, type=task.type, status=task.status,  # type: ignore[arg-type]
             priority=task.priority, result=task.result, error=task.error,

@@ -33,7 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from koubou_mcp import __version__, queue
 from koubou_mcp.attachment import pool_summary
 from koubou_mcp.config import Settings
-from koubou_mcp.models import TaskSnapshot, TaskStatus, WorkerSnapshot, utcnow
+from koubou_mcp.models import TaskSnapshot, TaskStatus, WorkerSnapshot, elapsed_s, utcnow
 from koubou_mcp.store import Store
 
 #: how many finished tasks of each kind (results, failures) the view lists
@@ -154,7 +154,7 @@ def finished_section(title: str, tasks: list[TaskSnapshot], now: datetime, *,
         table.add_column(column, no_wrap=column != "result" and column != "error",
                          overflow="ellipsis")
     for t in tasks:
-        took = (f"{(t.finished_at - t.started_at).total_seconds():.1f}s"
+        took = (f"{elapsed_s(t.started_at, t.finished_at):.1f}s"
                 if t.finished_at and t.started_at else NO_DATA)
         text = f"{t.error_kind or 'error'}: {t.error}" if failures else t.result
         table.add_row(t.task_id, t.type, _age(t.finished_at, now) + " ago", took,

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from koubou_mcp.models import TaskSnapshot, TaskStatus, WorkerSnapshot
+from koubou_mcp.models import TaskSnapshot, TaskStatus, WorkerSnapshot, elapsed_s
 from koubou_mcp.queue.errors import TaskNotFound
 from koubou_mcp.queue.records import task_snapshot, worker_record
 from koubou_mcp.queue.statements import FINAL, READY_COUNT, T
@@ -134,7 +134,8 @@ class Stats:
 
 def stats(store: Store) -> Stats:
     """Counts by status, per-worker counters (live workers) and average run and wait times of
-    completed tasks."""
+    completed tasks (each never below zero: the stamps come from several hosts' clocks, see
+    ``models.elapsed_s``)."""
     counts = counts_by_status(store)
     workers = list_workers(store)
     with store.read() as conn:
@@ -143,9 +144,9 @@ def stats(store: Store) -> Stats:
             .where(T.c.status == TaskStatus.COMPLETED.value)
             .order_by(T.c.finished_at.desc()).limit(1000)
         ).all()
-    runs = [(r.finished_at - r.started_at).total_seconds() for r in rows
+    runs = [elapsed_s(r.started_at, r.finished_at) for r in rows
             if r.started_at and r.finished_at]
-    waits = [(r.started_at - r.created_at).total_seconds() for r in rows if r.started_at]
+    waits = [elapsed_s(r.created_at, r.started_at) for r in rows if r.started_at]
     return Stats(counts, workers,
                  sum(runs) / len(runs) if runs else None,
                  sum(waits) / len(waits) if waits else None)

@@ -138,6 +138,46 @@ def test_the_collector_reads_counts_workers_times_and_errors_from_the_store(
     assert scrape(collector)[("koubou_task_duration_seconds_count", duration)] == 2
 
 
+def test_a_host_whose_clock_runs_ahead_does_not_hide_the_other_hosts_tasks(
+    settings: Settings, sqlite_store: Store
+) -> None:
+    """Box b's clock is an hour ahead: its task finishes "in the future". The tasks box a
+    finishes afterwards, with the right time, are still counted, each once, and a worker
+    whose clock is behind the server's adds no negative wait."""
+    now = [at(0)]
+    collector = StoreCollector(settings, lambda: sqlite_store, lambda: None,
+                               clock=lambda: now[0])
+    duration = (("status", "completed"), ("type", "general"))
+    run_one(sqlite_store, settings, "a1", "right on time", start=0, end=2)
+    now[0] = at(5)
+    assert scrape(collector)[("koubou_task_duration_seconds_count", duration)] == 1
+    run_one(sqlite_store, settings, "b1", "an hour ahead", start=3605, end=3610)
+    now[0] = at(11)
+    assert scrape(collector)[("koubou_task_duration_seconds_count", duration)] == 2
+    run_one(sqlite_store, settings, "a1", "after the one from the future", start=12, end=15)
+    now[0] = at(20)
+    got = scrape(collector)
+    assert got[("koubou_task_duration_seconds_count", duration)] == 3
+    assert got[("koubou_task_duration_seconds_sum", duration)] == pytest.approx(
+        1.75 + 4.75 + 2.75)
+    for later in (30, 200, 3700):  # read again while "in the future", counted once
+        now[0] = at(later)
+        assert scrape(collector)[("koubou_task_duration_seconds_count", duration)] == 3
+
+    # a worker whose clock is 100 s behind the server that took the task
+    request = queue.validate_request(settings, "behind")
+    queue.enqueue(sqlite_store, request, settings, at(3800))
+    task = queue.claim_next(sqlite_store, "c1", at(3700), settings.lease_s)
+    assert task is not None
+    queue.complete(sqlite_store, task.task_id, "c1", "ok", at(3701))
+    now[0] = at(3802)
+    got = scrape(collector)
+    assert got[("koubou_task_duration_seconds_count", duration)] == 4
+    assert got[("koubou_task_wait_seconds_count", (("type", "general"),))] == 4
+    assert got[("koubou_task_wait_seconds_bucket", (("le", "0.01"), ("type", "general")))] == 1
+    assert queue.stats(sqlite_store).avg_wait_s == pytest.approx((0.25 * 3 + 0) / 4)
+
+
 def test_retrying_tasks_show_by_kind_and_a_closed_store_reports_down(
     settings: Settings, sqlite_store: Store
 ) -> None:
