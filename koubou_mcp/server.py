@@ -21,7 +21,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -69,6 +69,7 @@ from koubou_mcp.tool_args import (
 )
 
 log = logging.getLogger("koubou_mcp.server")
+T = TypeVar("T")
 
 
 # -- argument errors in words ---------------------------------------------------------------
@@ -239,6 +240,47 @@ def _result(model: BaseModel, text: str) -> CallToolResult:
                           structured_content=data)
 
 
+async def _while_client_stays(ctx: Context[Any, Any], tool: str,
+                              call: Callable[[], Awaitable[T]]) -> T | None:
+    """``call()``'s answer, or None when the HTTP client whose request carried this tool call
+    goes away first (the wait stops; the tasks go on).
+
+    Over Streamable HTTP the SDK runs a 2025-era tool call in the MCP session, not in the
+    request that carried it: a client that closes that request's connection only ends the
+    response stream, and a sync wait would poll the store until its wait_s ran out. So the
+    request's own ``receive`` is watched: once the body is read, the next message is the
+    disconnect. Over stdio there is no request (the client leaving ends the whole server).
+    """
+    request = getattr(ctx.request_context, "request", None)
+    receive = getattr(request, "receive", None)
+    if receive is None:
+        return await call()
+    answer: list[T] = []
+    failed: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            log.info("the MCP client left during %s; stopped waiting (the tasks go on)", tool)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            answer.append(await call())
+        except Exception as exc:  # raised out here, not wrapped in the group's exceptions
+            failed = exc
+        tg.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
+    return answer[0] if answer else None
+
+
+def _client_left() -> CallToolResult:
+    """The answer to a call whose client left: nobody reads it, the SDK needs one."""
+    return CallToolResult(content=[TextContent(type="text", text="the client left; the "
+                                               "tasks go on")], is_error=True)
+
+
 async def delegate_task(
     prompt: str,
     ctx: Context[Any, Any],
@@ -282,7 +324,11 @@ async def delegate_task(
             await ctx.report_progress(round(elapsed, 1), limit,
                                       progress_message(current, elapsed, limit or 0.0))
 
-        result = await service.submit(request, wait_s=limit, on_progress=progress)
+        result = await _while_client_stays(
+            ctx, "delegate_task", lambda: service.submit(request, wait_s=limit,
+                                                         on_progress=progress))
+    if result is None:
+        return _client_left()
     prefix = "" if result.created else "(an unfinished task with this idempotency_key " \
                                        "already existed)\n"
     return _result(result, prefix + _render(result, result.next_step))
@@ -335,7 +381,10 @@ async def wait_tasks(
                                   many_message(current, elapsed, limit, mode))
 
     with _tool_errors():
-        waited = await service.wait_many(task_ids, mode, limit, progress)
+        waited = await _while_client_stays(
+            ctx, "wait_tasks", lambda: service.wait_many(task_ids, mode, limit, progress))
+    if waited is None:
+        return _client_left()
     parts = [f"{len(waited.ended)} of {len(waited.tasks)} ended after {waited.waited_s:g} s "
              f"(mode {mode}); {waited.next_step}"]
     parts += [_render(record, next_step(record)) for record in waited.tasks]

@@ -5,6 +5,7 @@ sessions per client, and sync waits that end when their client leaves."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from collections.abc import Iterator
 
@@ -147,3 +148,50 @@ def test_a_sync_wait_ends_when_its_client_goes_away(limited: HttpServer) -> None
                        message="the task to be queued")
     wait_until(lambda: "stopped waiting" in limited.stderr(), timeout=10,
                message="the server to stop waiting for a client that left")
+
+
+def _mcp_session(http: httpx.Client) -> dict[str, str]:
+    """The headers of a new MCP session (2025-06-18, the era Claude Code speaks), initialized."""
+    reply = http.post("/mcp", json=INITIALIZE, headers=MCP_HEADERS)
+    assert reply.status_code == 200, reply.text
+    headers = {**MCP_HEADERS, "mcp-session-id": reply.headers["mcp-session-id"],
+               "mcp-protocol-version": "2025-06-18"}
+    done = http.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+                     headers=headers)
+    assert done.status_code == 202, done.text
+    return headers
+
+
+@pytest.mark.parametrize("tool", ["delegate_task", "wait_tasks"])
+def test_an_mcp_sync_wait_ends_when_its_client_goes_away(limited: HttpServer, tool: str) -> None:
+    """The tool call runs in the MCP session, not in the request that carried it: the server
+    must notice that request's connection closing and stop polling the store at once, not
+    after wait_s (90 s here)."""
+    with limited.client() as http:
+        headers = _mcp_session(http)
+        if tool == "delegate_task":
+            arguments: dict[str, object] = {"prompt": "nobody runs this", "sync": True,
+                                            "wait_s": 90}
+        else:
+            queued = http.post("/task/delegate", json={"prompt": "nobody runs this either"})
+            assert queued.status_code == 200, queued.text
+            arguments = {"task_ids": [queued.json()["task_id"]], "wait_s": 90}
+        body = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                           "params": {"name": tool, "arguments": arguments}}).encode()
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        with _connection(limited) as sock:
+            sock.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                         b"application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+                         % (head.encode(), len(body), body))
+            started = sock.recv(65536)  # the SSE stream opens once the call is dispatched
+            assert started.startswith(b"HTTP/1.1 200"), started
+            wait_until(lambda: http.get("/tasks").json()["counts"]["pending"] == 1,
+                       timeout=10, message="the task to be queued")
+            assert f"left during {tool}" not in limited.stderr()
+        wait_until(lambda: f"the MCP client left during {tool}" in limited.stderr(), timeout=5,
+                   message=f"the server to stop {tool}'s wait for a client that left")
+        # the session itself goes on
+        listed = http.post("/mcp", headers=headers, json={
+            "jsonrpc": "2.0", "id": 8, "method": "tools/call",
+            "params": {"name": "list_tasks", "arguments": {}}})
+        assert listed.status_code == 200 and "nobody runs this" in listed.text, listed.text
