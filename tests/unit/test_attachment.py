@@ -277,3 +277,16 @@ def test_a_record_published_by_another_pid_is_not_taken_for_the_leaders(
                                                          "workers": {"total": 1}}
     lock.release()
     assert read_state(settings.run_dir, os.getpid()) is None, "released with the lock"
+
+
+def test_health_says_the_pool_could_not_start_even_when_a_supervisor_reports_in_process(
+    settings: Settings,
+) -> None:
+    # a supervisor object can exist (and say it leads) although starting the pool failed:
+    # the failure is what health must report, not "supervising in this process"
+    supervising = {"running": True, "leader": True, "pid": os.getpid()}
+    assert check_supervisor(settings, supervising).summary.startswith("supervising in this")
+    check = check_supervisor(settings, supervising, pool_error="cannot write the pool log")
+    assert not check.ok
+    assert check.summary == "the pool could not start"
+    assert "cannot write the pool log" in str(check.reason)
