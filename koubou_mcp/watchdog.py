@@ -22,6 +22,7 @@ from koubou_mcp import queue
 from koubou_mcp.admission import Capacity, Observation
 from koubou_mcp.backends.base import Abort, GenerationProgress
 from koubou_mcp.models import TaskSnapshot
+from koubou_mcp.wakeup import SelfPipe
 
 log = logging.getLogger("koubou_mcp.worker")
 
@@ -97,7 +98,10 @@ class Watchdog:
 
     def __init__(self, hooks: WatchdogHooks) -> None:
         self.hooks = hooks
-        self._wake = threading.Event()
+        # a pipe, not a threading.Event: the worker's signal handler pokes this, and an
+        # Event's set() takes a lock that the interrupted main thread may be holding (it
+        # pokes too, as each task starts): the handler then waited on its own thread forever
+        self._wake = SelfPipe()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="koubou-watchdog", daemon=True)
 
@@ -105,13 +109,16 @@ class Watchdog:
         self._thread.start()
 
     def poke(self) -> None:
-        """Look again now (a task started: its deadline counts from now)."""
-        self._wake.set()
+        """Look again now (a task started: its deadline counts from now). Safe in a signal
+        handler and from any thread."""
+        self._wake.poke()
 
     def stop(self) -> None:
         self._stopped = True
-        self._wake.set()
+        self._wake.poke()
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._wake.close()
 
     def _loop(self) -> None:
         next_beat = time.monotonic() + self.hooks.heartbeat_s
@@ -127,7 +134,6 @@ class Watchdog:
             if run is not None and run.interrupt is None:
                 wait = min(wait, run.deadline - time.monotonic())
             self._wake.wait(max(0.0, wait))
-            self._wake.clear()
 
     def _check_limits(self, run: Run, now: float) -> None:
         if now >= run.deadline:
