@@ -125,11 +125,15 @@ class _Pool:
 
 
 @contextmanager
-def _pool(*, max_workers: int, latency_s: float, slots: int, tuning: Tuning) -> Iterator[_Pool]:
-    """A private home, store and fake; a supervisor in a thread; one idle worker."""
+def _pool(*, max_workers: int, latency_s: float, slots: int, tuning: Tuning,
+          pinned_limit: int | None = None) -> Iterator[_Pool]:
+    """A private home, store and fake; a supervisor in a thread; one idle worker.
+    ``pinned_limit``: the model server's slot limit set by hand (KOUBOU_OLLAMA_PARALLEL)
+    instead of learned."""
     with scratch_dir(NAME) as home, in_process(models=["gpt-oss:20b"], latency_s=latency_s,
                                                slots=slots) as fake:
-        settings = bench_settings(home, fake.url, min_workers=1, max_workers=max_workers)
+        pin = {"ollama_parallel": pinned_limit} if pinned_limit else {}
+        settings = bench_settings(home, fake.url, min_workers=1, max_workers=max_workers, **pin)
         store = open_store(settings.database_url, settings.run_dir)
         started = time.monotonic()
         handle = start_in_thread(settings, store=store, role="benchmark", tuning=tuning)
@@ -144,8 +148,11 @@ def _pool(*, max_workers: int, latency_s: float, slots: int, tuning: Tuning) -> 
 
 def burst_to_max(s: Scenario, policy: str) -> dict[str, float]:
     """Seconds from a burst of ``s.burst_tasks`` to ``s.burst_max_workers`` workers busy."""
+    # the limit is pinned at max_workers: the burst measures how fast the supervisor scales,
+    # not how fast the admission learns the server's slots (one step per answer, 2 s here),
+    # which the capacity benchmark measures
     with _pool(max_workers=s.burst_max_workers, latency_s=s.burst_latency_s, slots=BURST_SLOTS,
-               tuning=_tuning(policy, s)) as pool:
+               tuning=_tuning(policy, s), pinned_limit=s.burst_max_workers) as pool:
         start = time.monotonic()
         pool.submit(s.burst_tasks)
         wait_until(lambda: pool.fake.stats()["in_flight"] >= s.burst_max_workers, timeout=120,
@@ -198,6 +205,13 @@ def run(quick: bool = False) -> dict[str, Any]:
                None if quick else ratio <= TARGET_MAKESPAN_RATIO),
     ]
     notes = [
+        "The burst runs with the model server's slot limit pinned at max workers "
+        "(KOUBOU_OLLAMA_PARALLEL), for both rules: it measures how fast the supervisor "
+        "scales. Left to learn the limit, the admission lets one more request in per answer "
+        f"at full speed (about {s.burst_latency_s:g} s each here), so reaching "
+        f"{s.burst_max_workers} in flight takes about {(s.burst_max_workers - 1) * s.burst_latency_s:g} s "
+        "by design; the capacity benchmark measures that learning. The makespan runs with "
+        "the learned limit.",
         f"A worker process takes about {median(start_up):.2f} s from spawn to idle here "
         "(interpreter start and imports); the burst time is essentially one start-up, because "
         "all missing workers are started in one decision.",

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import sqlite3
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -323,9 +325,52 @@ def _sqlite_engine(path: str, *, create: bool,
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql(conn.get_execution_options().get("koubou_begin", "BEGIN"))
+        begin = conn.get_execution_options().get("koubou_begin", "BEGIN")
+        if begin != "BEGIN IMMEDIATE":
+            conn.exec_driver_sql(begin)
+            return
+        dbapi_conn = conn.connection.dbapi_connection
+        try:
+            begin_immediate(dbapi_conn, busy_timeout_ms / 1000)
+        except sqlite3.Error as exc:
+            raise DBAPIError.instance("BEGIN IMMEDIATE", None, exc, sqlite3.Error,
+                                      dialect=engine.dialect) from exc
 
     return engine
+
+
+#: how long a writer first waits for SQLite's write lock before trying again, s (doubling)
+WRITE_LOCK_RETRY_FIRST_S = 0.00005
+WRITE_LOCK_RETRY_MAX_S = 0.002
+
+
+def begin_immediate(dbapi_conn: Any, busy_timeout_s: float,
+                    sleep: Callable[[float], None] = time.sleep) -> None:
+    """``BEGIN IMMEDIATE`` on a sqlite3 connection, waiting up to ``busy_timeout_s`` for the
+    write lock, in steps of 50 us to 2 ms.
+
+    SQLite's own busy handler (``busy_timeout``) sleeps 1, 2, 5, 10, ... ms between tries, while
+    a worker holds the lock for a fraction of a millisecond: with two workers and a submitter
+    on one file, writers spent about 40% of their time asleep on a lock long free (measured
+    with the throughput benchmark). The connection's busy timeout is off only for this one
+    statement; every other statement keeps it.
+    """
+    dbapi_conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        deadline = time.monotonic() + busy_timeout_s
+        delay = WRITE_LOCK_RETRY_FIRST_S
+        while True:
+            try:
+                dbapi_conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF != \
+                        sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+            sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, WRITE_LOCK_RETRY_MAX_S)
+    finally:
+        dbapi_conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
 
 
 # -- schema -------------------------------------------------------------------------------

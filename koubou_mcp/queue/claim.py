@@ -9,6 +9,7 @@ from sqlalchemy import Connection
 
 from koubou_mcp.admission import Capacity
 from koubou_mcp.models import TaskSnapshot
+from koubou_mcp.queue.prepared import prepared
 from koubou_mcp.queue.records import task_snapshot
 from koubou_mcp.queue.servers import lock_server
 from koubou_mcp.queue.statements import ANY_READY, IN_FLIGHT, WORKER_BUSY, claim_statement
@@ -50,7 +51,7 @@ def admit_next(store: Store, worker_id: str, now: datetime, lease_s: float,
     # A plain read first: when nothing is ready (most wake-ups of most workers) no write lock
     # is taken at all. The claim below re-checks, so a race only costs an empty claim.
     with store.read() as conn:
-        if conn.execute(ANY_READY, {"p_now": now}).first() is None:
+        if not prepared(ANY_READY, conn).execute(conn, {"p_now": now}):
             return None
     with store.write() as conn:
         return admit_in(conn, store.is_postgres, worker_id, now, lease_s, model_url)
@@ -68,12 +69,13 @@ def admit_in(conn: Connection, postgres: bool, worker_id: str, now: datetime, le
     else:
         if capacity is None:
             capacity = lock_server(conn, model_url, now, postgres)
-        in_flight = int(conn.execute(IN_FLIGHT, {"p_url": model_url, "p_now": now})
-                        .scalar_one())
+        in_flight = int(prepared(IN_FLIGHT, conn).scalar(conn, {"p_url": model_url,
+                                                                  "p_now": now}))
         if in_flight >= capacity.limit:
             return None
-    row = conn.execute(claim_statement(postgres), params).first()
+    row = prepared(claim_statement(postgres), conn).first(conn, params)
     if row is None:
         return None
-    conn.execute(WORKER_BUSY, {"p_worker": worker_id, "p_task": row.task_id, "p_now": now})
+    prepared(WORKER_BUSY, conn).execute(conn, {"p_worker": worker_id, "p_task": row["task_id"],
+                                               "p_now": now})
     return Admitted(task_snapshot(row), in_flight + 1 if model_url is not None else None, capacity)

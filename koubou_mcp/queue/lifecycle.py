@@ -13,6 +13,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from koubou_mcp.models import TaskSnapshot, TaskStatus
 from koubou_mcp.queue.errors import TaskNotFound, TaskStateError
+from koubou_mcp.queue.prepared import prepared
 from koubou_mcp.queue.records import task_snapshot
 from koubou_mcp.queue.statements import (
     COMPLETE,
@@ -92,9 +93,9 @@ def complete_in(conn: Connection, task_id: str, worker_id: str, result: str, now
     if generated is not None:
         statement = COMPLETE_COUNTED
         params.update(p_tokens=generated.tokens, p_ttft=generated.first_token_s)
-    row = conn.execute(statement, params).first()
-    _worker_done(conn, worker_id, now, completed=row is not None, failed=False)
-    return row is not None
+    done = bool(prepared(statement, conn).execute(conn, params))
+    _worker_done(conn, worker_id, now, completed=done, failed=False)
+    return done
 
 
 def fail(
@@ -296,6 +297,7 @@ def _recover(store: Store, where: ColumnElement[bool], now: datetime,
 
 def _worker_done(conn: Connection, worker_id: str, now: datetime, *, completed: bool,
                  failed: bool) -> None:
-    conn.execute(WORKER_DONE, {"p_worker": worker_id, "p_now": now,
-                                "p_completed": int(completed), "p_failed": int(failed)})
+    prepared(WORKER_DONE, conn).execute(conn, {"p_worker": worker_id, "p_now": now,
+                                               "p_completed": int(completed),
+                                               "p_failed": int(failed)})
 

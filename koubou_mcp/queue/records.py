@@ -10,15 +10,18 @@ from koubou_mcp.models import TaskSnapshot, WorkerSnapshot
 
 
 def task_snapshot(row: Any) -> TaskSnapshot:
-    return TaskSnapshot(**row._mapping)
+    """A task from a SQLAlchemy row or, from the prepared hot path, a column mapping."""
+    return TaskSnapshot(**(row if isinstance(row, dict) else row._mapping))
 
 
 def capacity_of(row: Any) -> Capacity:
-    return Capacity(url=row.url, limit=row.slot_limit, pinned=bool(row.pinned), good=row.good,
-                    ceiling=row.ceiling, ceiling_at=row.ceiling_at,
-                    baseline_ttft_s=row.baseline_ttft_s, baseline_tps=row.baseline_tps,
-                    last_ttft_s=row.last_ttft_s, last_tps=row.last_tps,
-                    busy_events=row.busy_events)
+    """A model server's state from a SQLAlchemy row or a column mapping."""
+    m = row if isinstance(row, dict) else row._mapping
+    return Capacity(url=m["url"], limit=m["slot_limit"], pinned=bool(m["pinned"]),
+                    good=m["good"], ceiling=m["ceiling"], ceiling_at=m["ceiling_at"],
+                    baseline_ttft_s=m["baseline_ttft_s"], baseline_tps=m["baseline_tps"],
+                    last_ttft_s=m["last_ttft_s"], last_tps=m["last_tps"],
+                    busy_events=m["busy_events"])
 
 
 def capacity_values(cap: Capacity, now: datetime) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from koubou_mcp.admission import Capacity, Observation, next_capacity
+from koubou_mcp.queue.prepared import prepared
 from koubou_mcp.queue.records import capacity_of, capacity_values
 from koubou_mcp.queue.statements import (
     IN_FLIGHT,
@@ -28,13 +29,13 @@ def lock_server(conn: Connection, url: str, now: datetime, postgres: bool) -> Ca
     On PostgreSQL the row lock serialises admissions to one server (SQLite's write lock does
     that already), so two workers never both take the last slot.
     """
-    query = SERVER_ROW_LOCKED if postgres else SERVER_ROW
-    row = conn.execute(query, {"p_url": url}).first()
+    query = prepared(SERVER_ROW_LOCKED if postgres else SERVER_ROW, conn)
+    row = query.first(conn, {"p_url": url})
     if row is None:
         cap = Capacity(url=url)
         if postgres:
             conn.execute(SERVER_INSERT_PG, {"url": url, "now": now})
-            row = conn.execute(query, {"p_url": url}).first()
+            row = query.first(conn, {"p_url": url})
             return capacity_of(row) if row is not None else cap
         conn.execute(M.insert().values(url=url, **capacity_values(cap, now)))
         return cap
@@ -44,7 +45,7 @@ def lock_server(conn: Connection, url: str, now: datetime, postgres: bool) -> Ca
 def write_server(conn: Connection, cap: Capacity, now: datetime) -> None:
     """Store what is known of a server (its row is locked by ``lock_server``)."""
     values = {f"v_{name}": value for name, value in capacity_values(cap, now).items()}
-    conn.execute(SERVER_UPDATE, {"p_url": cap.url, **values})
+    prepared(SERVER_UPDATE, conn).execute(conn, {"p_url": cap.url, **values})
 
 
 def configure_model_server(store: Store, url: str, pinned_limit: int | None,

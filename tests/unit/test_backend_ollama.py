@@ -673,3 +673,78 @@ async def test_two_misfits_fail_the_task_saying_where_the_answer_misses(
     assert "did not fit output_schema, twice" in str(caught.value)
     assert "is not of type 'object'" in str(caught.value)
     assert fake.stats()["requests"] == 2
+
+
+# -- the reply's framing, as the client reads it off the socket ---------------------------------
+
+_FINAL = json.dumps({"message": {"role": "assistant", "content": "hi"}, "done": True}).encode()
+
+
+def _run_blocking(url: str, times: int = 2) -> list[str]:
+    backend = OllamaBackend(url, MODEL)
+    try:
+        return [backend.run_blocking(request(), Abort()) for _ in range(times)]
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize(("reply", "close_after", "kept"), [
+    # a Content-Length body (an Ollama that does not stream): kept alive
+    (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(_FINAL) + 1) + _FINAL + b"\n",
+     False, True),
+    # chunks with extensions, and trailers after the last one
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+     + b"%X;ext=1\r\n" % (len(_FINAL) + 1) + _FINAL + b"\n\r\n0\r\nX-Trailer: t\r\n\r\n",
+     False, True),
+    # no length, no chunks: the body ends with the connection
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n" + _FINAL + b"\n",
+     True, False),
+    # HTTP/1.0 without keep-alive: a new connection each time
+    (b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(_FINAL) + 1) + _FINAL + b"\n",
+     True, False),
+    # a 100 Continue before the reply is skipped
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+     % (len(_FINAL) + 1) + _FINAL + b"\n", False, True),
+], ids=["content-length", "chunk-extensions-and-trailers", "until-close", "http-1.0",
+        "100-continue"])
+def test_every_framing_of_a_reply_is_read_and_keep_alive_follows_it(
+    reply: bytes, close_after: bool, kept: bool,
+) -> None:
+    with scripted(reply, close_after_reply=close_after) as server:
+        assert _run_blocking(server.url) == ["hi", "hi"]
+    assert server.requests == 2
+    assert server.connections == (1 if kept else 2)
+
+
+@pytest.mark.parametrize(("reply", "reason"), [
+    (b"HTTX/1.1 200 OK\r\n\r\n", "not an HTTP/1.x status line"),
+    (b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n", "malformed header line"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello", "bad Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", "longer than"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+])
+def test_a_reply_that_breaks_http_framing_is_a_malformed_error_naming_what(
+    reply: bytes, reason: str,
+) -> None:
+    with scripted(reply, close_after_reply=True) as server:
+        backend = OllamaBackend(server.url, MODEL)
+        with pytest.raises(PermanentBackendError) as caught:
+            backend.run_blocking(request(), Abort())
+        backend.close()
+    assert caught.value.kind == "malformed"
+    assert reason in str(caught.value)
+
+
+def test_calls_from_two_threads_at_once_each_get_a_connection(fake: FakeOllama) -> None:
+    fake.configure(latency_s=0.3)
+    backend = OllamaBackend(fake.url, MODEL)
+    answers: list[str] = []
+    threads = [threading.Thread(target=lambda i=i: answers.append(
+        backend.run_blocking(request(f"t{i}"), Abort()))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    backend.close()
+    assert sorted(answers) == ["echo: t0", "echo: t1"]
+    assert fake.stats()["max_in_flight"] == 2  # both requests were at the server at once

@@ -232,3 +232,43 @@ def test_a_store_made_at_version_4_but_marked_3_migrates_without_adding_columns_
     open_store(settings.database_url, settings.run_dir).close()
     assert db.execute("SELECT value FROM koubou_meta").fetchone() == (str(SCHEMA_VERSION),)
     db.close()
+
+
+def test_a_writer_waiting_for_the_write_lock_tries_again_within_milliseconds(
+    settings: Settings,
+) -> None:
+    """SQLite's own busy handler sleeps 1, 2, 5, 10 ms... between tries; ours starts at 50 us
+    and doubles to 2 ms, then gives up at the busy timeout with the driver's error; the
+    connection's busy timeout (the store's) is back for the statements that follow."""
+    from koubou_mcp.store import WRITE_LOCK_RETRY_MAX_S, begin_immediate
+
+    db = settings.home / "db"
+    db.mkdir(parents=True)
+    holder = sqlite3.connect(db / "x.db", isolation_level=None)
+    waiter = sqlite3.connect(db / "x.db", isolation_level=None)
+    waiter.execute("PRAGMA busy_timeout = 10000")
+    holder.execute("BEGIN IMMEDIATE")
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 12:
+            holder.execute("COMMIT")  # the lock comes free while the waiter waits
+
+    try:
+        begin_immediate(waiter, 10.0, sleep=sleep)
+        assert waiter.in_transaction
+        waiter.execute("ROLLBACK")
+        assert len(sleeps) == 12
+        assert sleeps[0] < 0.0001
+        assert max(sleeps) <= WRITE_LOCK_RETRY_MAX_S * 1.5
+        assert waiter.execute("PRAGMA busy_timeout").fetchone() == (10000,)
+
+        holder.execute("BEGIN IMMEDIATE")  # now held for good: the waiter gives up
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            begin_immediate(waiter, 0.05)
+        assert not waiter.in_transaction
+        assert waiter.execute("PRAGMA busy_timeout").fetchone() == (50,)
+    finally:
+        holder.close()
+        waiter.close()

@@ -1,0 +1,105 @@
+"""The hot path's prepared statements read and write exactly what SQLAlchemy does, on both
+stores, and fail with SQLAlchemy's errors."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
+
+from koubou_mcp import queue
+from koubou_mcp.config import Settings
+from koubou_mcp.models import FINAL_STATUSES, TaskStatus, utcnow
+from koubou_mcp.queue.prepared import prepared
+from koubou_mcp.queue.statements import (
+    ANY_READY,
+    IN_FLIGHT,
+    INSERT_TASK,
+    WORKER_BEAT,
+    T,
+    claim_statement,
+)
+from koubou_mcp.store import Store, is_store_fault, open_store
+
+
+def test_a_claim_returns_the_row_sqlalchemy_reads_back(store: Store, settings: Settings) -> None:
+    now = utcnow().replace(microsecond=123456)
+    queue.enqueue(store, queue.validate_request(settings, "first", priority=3), settings, now)
+    params = {"p_worker": "w1", "p_now": now, "p_url": "http://m",
+              "p_lease": now + timedelta(seconds=30)}
+    with store.write() as conn:
+        claimed = prepared(claim_statement(store.is_postgres), conn).first(conn, params)
+    assert claimed is not None
+    with store.read() as conn:
+        stored = dict(conn.execute(select(T).where(T.c.task_id == claimed["task_id"]))
+                      .one()._mapping)
+    assert claimed == stored  # every column, with SQLAlchemy's types (datetimes, booleans)
+    assert claimed["started_at"] == now and claimed["cancel_requested"] is False
+    assert claimed["status"] == TaskStatus.IN_PROGRESS.value and claimed["attempts"] == 1
+    with store.read() as conn:
+        assert prepared(IN_FLIGHT, conn).scalar(conn, {"p_url": "http://m", "p_now": now}) == 1
+        assert prepared(ANY_READY, conn).execute(conn, {"p_now": now}) == []
+
+
+def test_a_constant_list_is_expanded_into_parameters(store: Store, settings: Settings) -> None:
+    now = utcnow()
+    task = queue.enqueue(store, queue.validate_request(settings, "x"), settings, now).task
+    unfinished = (update(T).where(T.c.task_id == queue.statements.TASK,
+                                  T.c.status.not_in([s.value for s in FINAL_STATUSES]))
+                  .values(priority=9).returning(T.c.priority))
+    with store.write() as conn:
+        assert prepared(unfinished, conn).first(conn, {"p_task": task.task_id}) == {"priority": 9}
+    queue.cancel(store, task.task_id, now)
+    with store.write() as conn:
+        assert prepared(unfinished, conn).first(conn, {"p_task": task.task_id}) is None
+
+
+def test_an_insert_leaves_out_no_column_default(store: Store, settings: Settings) -> None:
+    now = utcnow()
+    values = {"task_id": "task_prepared_1", "type": "general", "prompt": "p",
+              "created_at": now, "updated_at": now, "timeout_s": 5.0}
+    with store.write() as conn:
+        row = prepared(INSERT_TASK, conn, column_keys=tuple(values)).first(conn, values)
+    assert row is not None
+    assert row["status"] == TaskStatus.PENDING.value  # the column's own default
+    assert row["priority"] == 5 and row["attempts"] == 0 and row["timeout_s"] == 5.0
+    assert queue.get_task(store, "task_prepared_1").created_at == now
+
+
+def test_a_locked_database_fails_as_a_store_fault_sqlalchemy_would_raise(
+    settings: Settings,
+) -> None:
+    store = open_store(settings.database_url, settings.run_dir, busy_timeout_s=0.05)
+    holder = sqlite3.connect(settings.home / "db" / "koubou.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # holds the write lock
+        # a write in a deferred transaction needs the lock the holder has
+        with pytest.raises(OperationalError) as caught, store.read() as conn:
+            prepared(WORKER_BEAT, conn).execute(conn, {"p_worker": "w", "p_now": utcnow()})
+        assert is_store_fault(caught.value)
+        assert "locked" in str(caught.value)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        store.close()
+
+
+def test_a_connection_the_server_killed_is_invalidated_and_the_next_transaction_works(
+    pg_url: str, settings: Settings,
+) -> None:
+    store = open_store(pg_url, settings.run_dir)
+    try:
+        with pytest.raises(OperationalError) as caught, store.write() as conn:
+            backend_pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            with store.write() as other:  # another connection of the pool ends this one
+                other.exec_driver_sql(f"SELECT pg_terminate_backend({backend_pid})")
+            prepared(ANY_READY, conn).execute(conn, {"p_now": utcnow()})
+        assert caught.value.connection_invalidated
+        assert is_store_fault(caught.value)
+        with store.read() as conn:  # a new connection takes the dead one's place
+            assert prepared(ANY_READY, conn).execute(conn, {"p_now": utcnow()}) == []
+    finally:
+        store.close()
