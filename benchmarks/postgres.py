@@ -87,7 +87,9 @@ def _run(quick: bool, pg_url: str, version: str) -> dict[str, Any]:
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     with throughput.fake_process() as fake, scratch_dir(NAME) as tmp, \
             Children(tmp / "logs") as children:
-        pg_settings = bench_settings(tmp / "home-pg", fake.url, pg_url)
+        # the stand-in's slot count pinned, as in the throughput benchmark (its PINNED_NOTE)
+        pin = throughput.SLOTS
+        pg_settings = bench_settings(tmp / "home-pg", fake.url, pg_url, ollama_parallel=pin)
         pg_store = open_store(pg_url, pg_settings.run_dir)
         try:
             for rep in range(reps):
@@ -101,7 +103,8 @@ def _run(quick: bool, pg_url: str, version: str) -> dict[str, Any]:
                         one = throughput.ours_once(children, pg_store, pg_settings, n, batch,
                                                    label)
                     else:
-                        settings = bench_settings(tmp / f"home-{label}", fake.url)
+                        settings = bench_settings(tmp / f"home-{label}", fake.url,
+                                                  ollama_parallel=pin)
                         store = open_store(settings.database_url, settings.run_dir)
                         try:
                             one = throughput.ours_once(children, store, settings, n, batch, label)
@@ -168,7 +171,10 @@ def _run(quick: bool, pg_url: str, version: str) -> dict[str, Any]:
         "(psycopg 3, pool of 5 + 5 overflow per process), claims with FOR UPDATE SKIP LOCKED.",
         f"`tasks_per_s`: batch of {batch} tasks end to end as in the throughput benchmark, "
         f"median (min-max) over {reps} repeat(s); `vs_1_worker` is the scaling, `vs_sqlite` the "
-        "ratio to the SQLite run with as many workers in the same repeats.",
+        "ratio to the SQLite run with as many workers in the same repeats. The model "
+        f"server's slot limit is pinned at the stand-in's {throughput.SLOTS} slots, as in the "
+        "throughput benchmark (learning at zero latency reads CPU noise and held 2 workers "
+        "to about one slot).",
         f"The machine has 2 cores, shared by the workers, the PostgreSQL server, the submitter "
         f"and the stand-in Ollama: the best PostgreSQL throughput here came with {best} "
         f"worker(s) ({median(tps('postgresql', best)) / one_pg:.2f}x one worker); beyond the "

@@ -7,12 +7,14 @@ SQLite runs in WAL mode with a busy timeout, and every write transaction starts 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import random
 import sqlite3
 import time
+import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -171,6 +173,10 @@ class Store:
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
+    def pinned(self) -> PinnedStore:
+        """This store through one connection kept open, for one thread's hot loop."""
+        return PinnedStore(self)
+
     def notify_within(self, conn: Connection, count: int = 1) -> bool:
         """Announce ``count`` new tasks as part of the transaction on ``conn``: wake as many
         idle workers and every supervisor, delivered at its commit (PostgreSQL's NOTIFY): no
@@ -190,6 +196,45 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+class PinnedStore(Store):
+    """A store whose transactions all run on one connection, kept open between them.
+
+    A worker's loop runs a transaction or two per task; taking a connection from the pool for
+    each costs a checkout, a reset on return and, on PostgreSQL, a pre-ping round trip. This
+    one keeps its connection (no transaction stays open between calls). A connection that an
+    error invalidated is replaced by SQLAlchemy on the next transaction. One thread only.
+    """
+
+    def __init__(self, base: Store) -> None:
+        super().__init__(base.engine, base.url, base.wakeup, None)
+        self.path, self.identity = base.path, base.identity
+        self._conn: Connection | None = None
+
+    def _connection(self, begin: str) -> Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = self.engine.connect()
+        return self._conn.execution_options(koubou_begin=begin)  # in place (SQLAlchemy 2)
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        conn = self._connection("BEGIN IMMEDIATE")
+        with conn.begin():
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        conn = self._connection("BEGIN")
+        with conn.begin():
+            yield conn
+
+    def close(self) -> None:
+        """Close the kept connection (the engine belongs to the store this one came from)."""
+        if self._conn is not None:
+            with contextlib.suppress(SQLAlchemyError):
+                self._conn.close()
+            self._conn = None
 
 
 def open_store(database_url: str, run_dir: Path, *, create: bool = True,
@@ -308,10 +353,16 @@ def _sqlite_engine(path: str, *, create: bool,
     elif not db.exists():
         raise StoreError(f"no database at {db}; start koubou-mcp once to create it")
 
-    engine = create_engine(
-        f"sqlite:///{db}",
-        connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
-    )
+    # ``mode=rw``: a connection never creates the file (it was made above). Without it, a
+    # connection opened after the file was deleted made a new, empty database and wrote to it
+    # while every other process kept the old one (``Store.file_problem`` says so).
+    target = f"file:{urllib.parse.quote(str(db.absolute()))}?mode=rw"
+
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(target, uri=True, timeout=busy_timeout_ms / 1000,
+                               check_same_thread=False)
+
+    engine = create_engine(f"sqlite:///{db}", creator=connect)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:

@@ -110,6 +110,9 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.store = store
+        # the loop's own transactions (claims, hand-overs) run on one kept connection; the
+        # watchdog thread's heartbeats take the shared pool's
+        self.hot = store.pinned()
         self.worker_id = worker_id
         self.backends = backends
         self.supervisor_pid = supervisor_pid
@@ -196,6 +199,7 @@ class Worker:
             for backend in self.backends.values():
                 backend.close()
             self._listener.close()
+            self.hot.close()
             log.info("worker %s stopped after %d tasks", self.worker_id, self.tasks_done)
 
     def _serve(self) -> None:
@@ -233,7 +237,7 @@ class Worker:
                 log.warning("%s: waited over %gs for a model slot; failed", task_id,
                             self.settings.max_wait_s)
             self._last_recovery = time.monotonic()
-        admitted = queue.admit_next(self.store, self.worker_id, self.clock(),
+        admitted = queue.admit_next(self.hot, self.worker_id, self.clock(),
                                     self.settings.lease_s, self.model_url)
         self._store_back()
         if admitted is None:
@@ -384,7 +388,7 @@ class Worker:
         claim = (queue.NextClaim(self.settings.lease_s, self.model_url)
                  if self._may_take_another() else None)
         handed = self._store(
-            queue.complete_and_admit, self.store, run.task.task_id, self.worker_id, result,
+            queue.complete_and_admit, self.hot, run.task.task_id, self.worker_id, result,
             self.clock(), generated, observations=observations,
             max_limit=self.settings.max_workers,
             model_url=self.model_url if run.concurrency is not None else None, claim=claim)

@@ -12,7 +12,13 @@ from koubou_mcp.models import TaskSnapshot
 from koubou_mcp.queue.prepared import prepared
 from koubou_mcp.queue.records import task_snapshot
 from koubou_mcp.queue.servers import lock_server
-from koubou_mcp.queue.statements import ANY_READY, IN_FLIGHT, WORKER_BUSY, claim_statement
+from koubou_mcp.queue.statements import (
+    ANY_READY,
+    IN_FLIGHT,
+    WORKER_BUSY,
+    WORKER_BUSY_COUNTED,
+    claim_statement,
+)
 from koubou_mcp.store import Store
 
 
@@ -58,9 +64,12 @@ def admit_next(store: Store, worker_id: str, now: datetime, lease_s: float,
 
 
 def admit_in(conn: Connection, postgres: bool, worker_id: str, now: datetime, lease_s: float,
-             model_url: str | None, *, capacity: Capacity | None = None) -> Admitted | None:
+             model_url: str | None, *, capacity: Capacity | None = None,
+             completed: int = 0) -> Admitted | None:
     """``admit_next``'s claim inside the caller's write transaction; ``capacity``: the
-    server's row as this transaction already locked (and maybe changed) it."""
+    server's row as this transaction already locked (and maybe changed) it; ``completed``:
+    tasks to count on the worker's row with the claim (the hand-over's, one statement for
+    both)."""
     params = {"p_worker": worker_id, "p_now": now, "p_url": model_url,
               "p_lease": now + timedelta(seconds=lease_s)}
     in_flight = 0
@@ -76,6 +85,9 @@ def admit_in(conn: Connection, postgres: bool, worker_id: str, now: datetime, le
     row = prepared(claim_statement(postgres), conn).first(conn, params)
     if row is None:
         return None
-    prepared(WORKER_BUSY, conn).execute(conn, {"p_worker": worker_id, "p_task": row["task_id"],
-                                               "p_now": now})
+    busy = {"p_worker": worker_id, "p_task": row["task_id"], "p_now": now}
+    if completed:
+        prepared(WORKER_BUSY_COUNTED, conn).execute(conn, {**busy, "p_completed": completed})
+    else:
+        prepared(WORKER_BUSY, conn).execute(conn, busy)
     return Admitted(task_snapshot(row), in_flight + 1 if model_url is not None else None, capacity)

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from koubou_mcp.admission import Observation, next_capacity
 from koubou_mcp.queue.claim import Admitted, admit_in
-from koubou_mcp.queue.lifecycle import Generated, complete_in
+from koubou_mcp.queue.lifecycle import Generated, complete_in, mark_worker_done
 from koubou_mcp.queue.servers import lock_server, write_server
 from koubou_mcp.store import Store
 
@@ -46,7 +46,9 @@ def complete_and_admit(store: Store, task_id: str, worker_id: str, result: str, 
     raised = False
     admitted = None
     with store.write() as conn:
-        accepted = complete_in(conn, task_id, worker_id, result, now, generated)
+        # the worker's row is written once: busy with the next task, or idle, counting this one
+        accepted = complete_in(conn, task_id, worker_id, result, now, generated,
+                               worker_row=False)
         known = None
         if model_url is not None and observations:
             before = known = lock_server(conn, model_url, now, store.is_postgres)
@@ -58,7 +60,10 @@ def complete_and_admit(store: Store, task_id: str, worker_id: str, result: str, 
         if claim is not None:
             admitted = admit_in(conn, store.is_postgres, worker_id, now, claim.lease_s,
                                 claim.model_url,
-                                capacity=known if claim.model_url == model_url else None)
+                                capacity=known if claim.model_url == model_url else None,
+                                completed=int(accepted))
+        if admitted is None:
+            mark_worker_done(conn, worker_id, now, completed=accepted)
     if raised:
         store.notify_new_work()  # a worker waiting for a slot can take the new one
     return HandedOver(accepted, admitted)

@@ -85,8 +85,9 @@ def complete(store: Store, task_id: str, worker_id: str, result: str, now: datet
 
 
 def complete_in(conn: Connection, task_id: str, worker_id: str, result: str, now: datetime,
-                generated: Generated | None = None) -> bool:
-    """``complete`` inside the caller's write transaction."""
+                generated: Generated | None = None, *, worker_row: bool = True) -> bool:
+    """``complete`` inside the caller's write transaction. ``worker_row=False``: the caller
+    updates the worker's row itself (``mark_worker_done``, or with the next claim)."""
     params: dict[str, Any] = {"p_task": task_id, "p_worker": worker_id,
                               "p_result": result, "p_now": now}
     statement = COMPLETE
@@ -94,8 +95,14 @@ def complete_in(conn: Connection, task_id: str, worker_id: str, result: str, now
         statement = COMPLETE_COUNTED
         params.update(p_tokens=generated.tokens, p_ttft=generated.first_token_s)
     done = bool(prepared(statement, conn).execute(conn, params))
-    _worker_done(conn, worker_id, now, completed=done, failed=False)
+    if worker_row:
+        _worker_done(conn, worker_id, now, completed=done, failed=False)
     return done
+
+
+def mark_worker_done(conn: Connection, worker_id: str, now: datetime, *, completed: bool) -> None:
+    """The worker's row after a task: idle, and the task counted when ``completed``."""
+    _worker_done(conn, worker_id, now, completed=completed, failed=False)
 
 
 def fail(

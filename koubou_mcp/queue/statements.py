@@ -89,6 +89,9 @@ IN_FLIGHT = select(func.count()).select_from(T).where(
 )
 WORKER_BUSY = update(W).where(W.c.worker_id == WORKER).values(
     status=WorkerStatus.BUSY.value, current_task=TASK, last_heartbeat=NOW, idle_since=None)
+#: ``WORKER_BUSY`` that also counts the task the worker just completed (the hand-over)
+WORKER_BUSY_COUNTED = WORKER_BUSY.values(
+    tasks_completed=W.c.tasks_completed + bindparam("p_completed", type_=Integer()))
 #: a model server's row (locked for the transaction on PostgreSQL: ``SERVER_ROW_LOCKED``)
 SERVER_ROW = select(M).where(M.c.url == URL)
 SERVER_ROW_LOCKED = SERVER_ROW.with_for_update()

@@ -103,3 +103,44 @@ def test_a_connection_the_server_killed_is_invalidated_and_the_next_transaction_
             assert prepared(ANY_READY, conn).execute(conn, {"p_now": utcnow()}) == []
     finally:
         store.close()
+
+
+def test_a_pinned_store_keeps_one_connection_and_replaces_a_killed_one(
+    pg_url: str, settings: Settings,
+) -> None:
+    base = open_store(pg_url, settings.run_dir)
+    hot = base.pinned()
+    try:
+        pids = set()
+        for _ in range(3):
+            with hot.write() as conn:
+                pids.add(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar())
+            with hot.read() as conn:
+                pids.add(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar())
+        assert len(pids) == 1, "every transaction ran on the one kept connection"
+        with base.write() as other:
+            other.exec_driver_sql(f"SELECT pg_terminate_backend({pids.pop()})")
+        with pytest.raises(OperationalError) as caught, hot.read() as conn:
+            prepared(ANY_READY, conn).execute(conn, {"p_now": utcnow()})
+        assert is_store_fault(caught.value)  # the worker waits it out and tries again
+        with hot.write() as conn:  # ... and the next transaction has a new connection
+            assert prepared(ANY_READY, conn).execute(conn, {"p_now": utcnow()}) == []
+    finally:
+        hot.close()
+        base.close()
+
+
+def test_a_pinned_store_writes_with_the_write_lock_and_reads_without(settings: Settings) -> None:
+    base = open_store(settings.database_url, settings.run_dir)
+    hot = base.pinned()
+    try:
+        with hot.write() as conn:
+            assert conn.connection.dbapi_connection.in_transaction
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 5000
+        # a read on the same connection does not take the write lock: a writer gets in
+        with hot.read() as conn, base.write() as writer:
+            writer.exec_driver_sql("UPDATE koubou_meta SET value = value")
+            conn.exec_driver_sql("SELECT 1")
+    finally:
+        hot.close()
+        base.close()

@@ -272,3 +272,25 @@ def test_a_writer_waiting_for_the_write_lock_tries_again_within_milliseconds(
     finally:
         holder.close()
         waiter.close()
+
+
+def test_a_connection_opened_after_the_file_was_deleted_makes_no_new_database(
+    settings: Settings,
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    store = open_store(settings.database_url, settings.run_dir)
+    db = settings.home / "db" / "koubou.db"
+    try:
+        with store.read() as conn:  # one connection in the pool, on the file that is there
+            conn.exec_driver_sql("SELECT 1")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        with pytest.raises(OperationalError, match="unable to open"), \
+                store.engine.connect() as first, store.engine.connect() as second:
+            first.exec_driver_sql("SELECT 1")
+            second.exec_driver_sql("SELECT 1")  # a new connection: the file is not remade
+        assert not db.exists()
+        assert store.file_problem() is not None
+    finally:
+        store.close()
