@@ -110,9 +110,10 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.store = store
-        # the loop's own transactions (claims, hand-overs) run on one kept connection; the
-        # watchdog thread's heartbeats take the shared pool's
+        # the loop's own transactions (claims, hand-overs) run on one kept connection, the
+        # watchdog thread's heartbeats on another (a thread each: a connection is not shared)
         self.hot = store.pinned()
+        self.beats = store.pinned()
         self.worker_id = worker_id
         self.backends = backends
         self.supervisor_pid = supervisor_pid
@@ -200,6 +201,7 @@ class Worker:
                 backend.close()
             self._listener.close()
             self.hot.close()
+            self.beats.close()
             log.info("worker %s stopped after %d tasks", self.worker_id, self.tasks_done)
 
     def _serve(self) -> None:
@@ -328,7 +330,7 @@ class Worker:
             if run is not None:
                 for observation in observations:
                     self._observe(observation)
-            beat = queue.heartbeat(self.store, self.worker_id,
+            beat = queue.heartbeat(self.beats, self.worker_id,
                                    run.task.task_id if run is not None else None, now,
                                    self.settings.lease_s, generated)
         except Exception as exc:

@@ -15,6 +15,7 @@ from koubou_mcp.queue.servers import lock_server
 from koubou_mcp.queue.statements import (
     ANY_READY,
     IN_FLIGHT,
+    SERVER_ROW,
     WORKER_BUSY,
     WORKER_BUSY_COUNTED,
     claim_statement,
@@ -54,13 +55,26 @@ def admit_next(store: Store, worker_id: str, now: datetime, lease_s: float,
     only while fewer tasks hold a slot than the server's limit (``model_servers``): a request
     is never sent to wait inside the model server. Without ``model_url`` there is no limit.
     """
-    # A plain read first: when nothing is ready (most wake-ups of most workers) no write lock
-    # is taken at all. The claim below re-checks, so a race only costs an empty claim.
+    # A plain read first: when nothing is ready (most wake-ups of most workers), or every slot
+    # of the model server is taken (a worker woken beside ones that hold them all), no write
+    # lock (nor, on PostgreSQL, the server row's lock the claims queue for) is taken at all.
+    # The claim below re-checks, so a race only costs an empty claim.
     with store.read() as conn:
         if not prepared(ANY_READY, conn).execute(conn, {"p_now": now}):
             return None
+        if model_url is not None and not _slot_free(conn, model_url, now):
+            return None
     with store.write() as conn:
         return admit_in(conn, store.is_postgres, worker_id, now, lease_s, model_url)
+
+
+def _slot_free(conn: Connection, model_url: str, now: datetime) -> bool:
+    """Whether ``model_url`` seems to have a free slot (read without locking anything)."""
+    row = prepared(SERVER_ROW, conn).first(conn, {"p_url": model_url})
+    if row is None:
+        return True  # a new server: the claim makes its row
+    in_flight = int(prepared(IN_FLIGHT, conn).scalar(conn, {"p_url": model_url, "p_now": now}))
+    return in_flight < int(row["slot_limit"])
 
 
 def admit_in(conn: Connection, postgres: bool, worker_id: str, now: datetime, lease_s: float,

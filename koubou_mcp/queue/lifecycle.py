@@ -57,7 +57,7 @@ def heartbeat(store: Store, worker_id: str, task_id: str | None, now: datetime,
     (and save what the model has generated so far, when given: one write a heartbeat, never
     one a token)."""
     with store.write() as conn:
-        conn.execute(WORKER_BEAT, {"p_worker": worker_id, "p_now": now})
+        prepared(WORKER_BEAT, conn).execute(conn, {"p_worker": worker_id, "p_now": now})
         if task_id is None:
             return Beat.OK
         params: dict[str, Any] = {"p_task": task_id, "p_worker": worker_id, "p_now": now,
@@ -67,10 +67,10 @@ def heartbeat(store: Store, worker_id: str, task_id: str | None, now: datetime,
             statement = TASK_BEAT_PROGRESS
             params.update(p_partial=generated.text, p_tokens=generated.tokens,
                           p_ttft=generated.first_token_s)
-        row = conn.execute(statement, params).first()
+        row = prepared(statement, conn).first(conn, params)
     if row is None:
         return Beat.LOST
-    return Beat.CANCEL if row.cancel_requested else Beat.OK
+    return Beat.CANCEL if row["cancel_requested"] else Beat.OK
 
 
 def complete(store: Store, task_id: str, worker_id: str, result: str, now: datetime,

@@ -77,6 +77,29 @@ def test_a_pinned_limit_admits_that_many(store: Store, store_settings: Settings)
     assert (unpinned.limit, unpinned.pinned) == (1, False)
 
 
+def test_a_worker_that_finds_every_slot_taken_takes_no_write_lock(
+        settings: Settings) -> None:
+    """A worker woken while the other workers hold every slot reads, sees no free slot and
+    goes back to sleep: it queues for no lock (on SQLite the file's write lock, on
+    PostgreSQL the server row's) that the claims of the workers with slots need."""
+    import sqlite3
+
+    store = open_store(settings.database_url, settings.run_dir, busy_timeout_s=0.05)
+    try:
+        submit(store, settings, 3)
+        workers(store, "w1", "w2")
+        assert queue.admit_next(store, "w1", at(1), 30, URL) is not None  # the one slot
+        holder = sqlite3.connect(settings.home / "db" / "koubou.db", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock meanwhile
+            assert queue.admit_next(store, "w2", at(2), 30, URL) is None  # and no "locked"
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+    finally:
+        store.close()
+
+
 def test_measurements_raise_and_lower_the_shared_limit(
         store: Store, store_settings: Settings) -> None:
     cap = queue.observe_model_server(store, URL, Observation(1, first_token_s=0.2), at(1), 5)
