@@ -237,6 +237,38 @@ class PinnedStore(Store):
             self._conn = None
 
 
+#: a pooled PostgreSQL connection idle for longer than this is pinged before it is used, s
+PING_AFTER_IDLE_S = 5.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Check a pooled connection before use only when it sat idle ``PING_AFTER_IDLE_S``.
+
+    A connection the server dropped (a restart, a failover, an idle timeout) then fails the
+    ping instead of the caller's statement, and the pool opens another, as with SQLAlchemy's
+    ``pool_pre_ping``; but that pings on every checkout, a round trip per transaction, which
+    cost each enqueue more than its INSERT. A connection in steady use was proven alive by
+    the transaction it just ran; one that dies in between fails as a store fault, which the
+    callers wait out."""
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(dbapi_conn: Any, record: Any) -> None:
+        record.info["koubou_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get("koubou_idle_since")
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE_S:
+            return
+        try:
+            with dbapi_conn.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            dbapi_conn.rollback()
+        except Exception as exc:
+            # the pool discards this connection and checks out another (a new one if needed)
+            raise DisconnectionError(f"a pooled connection was lost while idle: {exc}") from exc
+
+
 def open_store(database_url: str, run_dir: Path, *, create: bool = True,
                busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_MS / 1000) -> Store:
     """Open (and by default create) the store at ``database_url``.
@@ -258,7 +290,8 @@ def open_store(database_url: str, run_dir: Path, *, create: bool = True,
         elif url.get_backend_name() == "postgresql":
             if url.drivername == "postgresql":
                 url = url.set(drivername="postgresql+psycopg")
-            engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+            engine = create_engine(url, pool_size=5, max_overflow=5)
+            _ping_when_idle(engine)
             wakeup = PostgresWakeup(engine, notify=WAKE_IDLE_WORKERS, listen=listen_statement)
             path = None
         else:

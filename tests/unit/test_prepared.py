@@ -144,3 +144,25 @@ def test_a_pinned_store_writes_with_the_write_lock_and_reads_without(settings: S
     finally:
         hot.close()
         base.close()
+
+
+def test_a_pooled_connection_lost_while_idle_is_replaced_before_use(
+    pg_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from koubou_mcp import store as store_module
+
+    store = open_store(pg_url, settings.run_dir)
+    try:
+        import psycopg
+
+        with store.read() as conn:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        admin = pg_url.split("?")[0].replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(admin, autocommit=True) as other:  # outside the pool
+            other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        monkeypatch.setattr(store_module, "PING_AFTER_IDLE_S", 0.0)  # "idle long enough"
+        for _ in range(2):  # whichever pooled connection comes first, none fails
+            with store.read() as conn:
+                assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    finally:
+        store.close()
