@@ -81,7 +81,7 @@ def _run(quick: bool, pg_url: str, version: str) -> dict[str, Any]:
 
     pg_counts = (1,) if quick else (1, 2, 4, 8)
     sqlite_counts = () if quick else (1, 2)
-    reps, batch = (1, 20) if quick else (2, 200)
+    reps, batch = (1, 20) if quick else (3, 200)
     dispatch_tasks = 20 if quick else 150
     herd = 2 if quick else HERD
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
