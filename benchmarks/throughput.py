@@ -241,7 +241,7 @@ PINNED_NOTE = (
     "(KOUBOU_OLLAMA_PARALLEL), so every claim still goes through the admission but the limit "
     "is not learned: at zero latency the stand-in's per-token speed is CPU noise on two shared "
     "cores, which the learning reads as slots that add no speed, and it then keeps the limit "
-    "at 1-3 (measured: 535 tasks/s with 2 workers learning against 633 pinned). Learning is "
+    "at 1-3 (measured with two workers when this was written: 535 tasks/s learning, 633 pinned). Learning is "
     "what the capacity benchmark measures, on a stand-in with real latencies.")
 
 

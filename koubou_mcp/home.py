@@ -153,7 +153,7 @@ class PrivateFileHandler(logging.handlers.RotatingFileHandler):
                 self.stream = self._open()
             if self.maxBytes > 0:
                 size = len(text) if text.isascii() else len(text.encode(self.encoding or "utf-8"))
-                self.stream.flush()
+                # every write below is flushed, so the file's size is all that was written
                 written = os.fstat(self.stream.fileno()).st_size
                 if written > 0 and written + size >= self.maxBytes:
                     self.doRollover()

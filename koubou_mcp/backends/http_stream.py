@@ -275,12 +275,13 @@ def _read_head(wire: _Wire) -> tuple[int, str, dict[str, str]]:
         return status, version, headers
 
 
-def _reply(wire: _Wire, method: str) -> Reply:
+def _reply(wire: _Wire) -> Reply:
+    """The reply to a POST: its status, headers and how its body is framed."""
     status, version, headers = _read_head(wire)
     connection = headers.get("connection", "").lower()
     will_close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
     encoding = headers.get("transfer-encoding", "").lower()
-    if method == "HEAD" or status in (204, 304):
+    if status in (204, 304):
         return Reply(status, headers, wire, "length", 0, will_close=will_close)
     if encoding:
         # chunked must be the last coding (RFC 9112 6.3); anything else reads until the end
@@ -344,7 +345,7 @@ class StreamingClient:
                 try:
                     conn.sock.settimeout(read_timeout_s)
                     conn.sock.sendall(head + body)
-                    reply = _reply(conn.wire, "POST")
+                    reply = _reply(conn.wire)
                 except TimeoutError:
                     raise NoReply("no reply within the read timeout", timed_out=True) from None
                 except (_Closed, OSError) as exc:
