@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DataError,
@@ -35,6 +35,7 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlmodel import SQLModel
 
 from koubou_mcp.config import make_private_dir
@@ -105,6 +106,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     )),
     # v5: when new work last woke a worker (PostgreSQL wakes one idle worker per new task)
     5: ("ALTER TABLE workers ADD COLUMN woken_at TIMESTAMP",),
+    # v6: three indexes become partial (``*_set``, made by the index step above): a new
+    # task's INSERT no longer writes them
+    6: tuple(f"DROP INDEX IF EXISTS ix_task_master_{name}"
+             for name in ("worker", "idempotency", "finished")),
 }
 
 
@@ -124,10 +129,13 @@ def is_store_fault(exc: BaseException) -> bool:
 class Store:
     """A handle on the task store. Cheap to share within a process; make one per process."""
 
-    def __init__(self, engine: Engine, url: str, wakeup: Wakeup, path: Path | None = None) -> None:
+    def __init__(self, engine: Engine, url: str, wakeup: Wakeup, path: Path | None = None,
+                 busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_MS / 1000) -> None:
         self.engine = engine
         self.url = url
         self.wakeup = wakeup
+        #: SQLite: how long a writer waits for the write lock
+        self.busy_timeout_s = busy_timeout_s
         #: SQLite: the database file, and which file it was when opened (device, inode)
         self.path = path
         self.identity = _identity(path) if path is not None else None
@@ -173,19 +181,42 @@ class Store:
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
+    @contextmanager
+    def write_on_driver(self) -> Iterator[DriverTransaction]:
+        """A write transaction like ``write``'s, on a pooled driver connection with no
+        SQLAlchemy ``Connection`` around it: for statements that ``queue.prepared`` runs.
+
+        SQLAlchemy's connection, its begin and its commit cost about a third of an enqueue's
+        CPU (docs/benchmarks.md), and an enqueue holds SQLite's one write lock meanwhile.
+        Errors come out as SQLAlchemy's, as from ``write``: a connection they show to be
+        lost is invalidated, and anything else rolls the transaction back.
+        """
+        dialect = self.engine.dialect
+        try:
+            proxied = self.engine.raw_connection()
+        except dialect.loaded_dbapi.Error as exc:
+            raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error,
+                                      connection_invalidated=dialect.is_disconnect(exc, None, None),
+                                      dialect=dialect) from exc
+        tx = DriverTransaction(proxied, dialect)
+        try:
+            if not self.is_postgres:  # psycopg begins at the first statement
+                tx.on_driver("BEGIN IMMEDIATE",
+                             lambda driver: begin_immediate(driver, self.busy_timeout_s))
+            yield tx
+            tx.on_driver("COMMIT", lambda driver: driver.commit())
+        except BaseException:
+            driver = proxied.dbapi_connection
+            if driver is not None and not tx.invalidated:
+                with contextlib.suppress(Exception):
+                    driver.rollback()
+            raise
+        finally:
+            proxied.close()  # back to the pool, or discarded when invalidated
+
     def pinned(self) -> PinnedStore:
         """This store through one connection kept open, for one thread's hot loop."""
         return PinnedStore(self)
-
-    def notify_within(self, conn: Connection, count: int = 1) -> bool:
-        """Announce ``count`` new tasks as part of the transaction on ``conn``: wake as many
-        idle workers and every supervisor, delivered at its commit (PostgreSQL's NOTIFY): no
-        extra transaction, and no gap between commit and notify. False when this store
-        cannot; then call ``notify_new_work`` after the commit."""
-        if not self.is_postgres:
-            return False
-        conn.execute(WAKE_IDLE_WORKERS, {"n": max(count, 1)})
-        return True
 
     def notify_new_work(self, count: int = 1) -> None:
         """Wake ``count`` idle workers, and the supervisors: something became claimable."""
@@ -198,6 +229,33 @@ class Store:
         self.engine.dispose()
 
 
+class DriverTransaction:
+    """What ``queue.prepared`` needs of a connection (its dialect, the pooled connection,
+    invalidation), for ``Store.write_on_driver``."""
+
+    def __init__(self, connection: PoolProxiedConnection, dialect: Dialect) -> None:
+        self.connection = connection
+        self.dialect = dialect
+        self.invalidated = False
+
+    def invalidate(self, exception: BaseException | None = None) -> None:
+        self.invalidated = True
+        self.connection.invalidate(exception)
+
+    def on_driver(self, sql: str, call: Callable[[Any], object]) -> None:
+        """``call(driver connection)``, its driver errors raised as SQLAlchemy's."""
+        error = self.dialect.loaded_dbapi.Error
+        driver = self.connection.dbapi_connection
+        try:
+            call(driver)
+        except error as exc:
+            lost = self.dialect.is_disconnect(exc, driver, None)
+            if lost:
+                self.invalidate(exc)
+            raise DBAPIError.instance(sql, None, exc, error, connection_invalidated=lost,
+                                      dialect=self.dialect) from exc
+
+
 class PinnedStore(Store):
     """A store whose transactions all run on one connection, kept open between them.
 
@@ -208,7 +266,7 @@ class PinnedStore(Store):
     """
 
     def __init__(self, base: Store) -> None:
-        super().__init__(base.engine, base.url, base.wakeup, None)
+        super().__init__(base.engine, base.url, base.wakeup, None, base.busy_timeout_s)
         self.path, self.identity = base.path, base.identity
         self._conn: Connection | None = None
 
@@ -306,7 +364,7 @@ def open_store(database_url: str, run_dir: Path, *, create: bool = True,
             f"the driver for {url.drivername} is not installed ({exc.name}); "
             "install it with: pip install 'koubou-mcp[postgres]'"
         ) from None
-    store = Store(engine, database_url, wakeup, path)
+    store = Store(engine, database_url, wakeup, path, busy_timeout_s)
     try:
         if create:
             _ensure_schema(store)

@@ -16,7 +16,7 @@ waiter blocks on a wake-up channel and polls only as a safety net (wake-ups can 
   own; ``notify(count)`` picks up to ``count`` idle workers from the ``workers`` table (the
   one woken longest ago first; ``SKIP LOCKED``, so two enqueues at once pick two different
   ones), marks them woken and notifies their channels, in the enqueue's own transaction when
-  it can (``store.notify_within``). So a new task wakes one idle worker, not all of them.
+  it can (``queue.submit``). So a new task wakes one idle worker, not all of them.
   Supervisors share one channel that every notify reaches. When no worker is idle nobody is
   woken: a busy worker looks for work again before it sleeps, and every worker polls every
   ``poll_s`` anyway. The statements come from ``store`` (only the store and the queue write

@@ -262,7 +262,7 @@ class Worker:
         self.current = run
         if self.stop_state.forced:
             run.stop(Interrupt.STOP)  # claimed as the stop came: straight back to the queue
-        self.watchdog.poke()
+        self.watchdog.watch(run)
         result: str | None = None
         error: BaseException | None = None
         try:

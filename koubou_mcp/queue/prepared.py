@@ -18,16 +18,30 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import Connection, Select
+from sqlalchemy import Select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql.base import Executable
 
 Processor = Callable[[Any], Any] | None
 
 _EXPANDING = re.compile(r"__\[POSTCOMPILE_(\w+)\]")
+
+
+class OnDriver(Protocol):
+    """A transaction these statements can run in: a SQLAlchemy ``Connection`` inside its
+    ``begin()``, or ``store.DriverTransaction``."""
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+    @property
+    def connection(self) -> PoolProxiedConnection: ...
+
+    def invalidate(self, exception: BaseException | None = None) -> None: ...
 
 
 class Prepared:
@@ -90,11 +104,11 @@ class Prepared:
             return values
         return [values[name] for name in self.order]
 
-    def execute(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
+    def execute(self, conn: OnDriver, params: Mapping[str, Any]) -> list[Any]:
         """Run on ``conn``'s driver connection (inside its transaction); the rows returned."""
         return self._run(conn, params)[0]
 
-    def _run(self, conn: Connection,
+    def _run(self, conn: OnDriver,
              params: Mapping[str, Any]) -> tuple[list[Any], list[Processor]]:
         dbapi_conn = conn.connection.dbapi_connection
         if dbapi_conn is None:  # pragma: no cover - an invalidated connection: let SA say so
@@ -115,13 +129,14 @@ class Prepared:
                                       dialect=self.dialect) from exc
         finally:
             cursor.close()
-        if self._results is None and description is not None:
-            # some conversions depend on the type the driver reports (PostgreSQL numerics)
+        if self._results is None and description is not None and self.types:
+            # some conversions depend on the type the driver reports (PostgreSQL numerics);
+            # a text statement declares no columns: its rows come as the driver gives them
             self._results = [kind.dialect_impl(self.dialect).result_processor(self.dialect, d[1])
                              for kind, d in zip(self.types, description, strict=True)]
         return rows, self._results or []
 
-    def mappings(self, conn: Connection, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def mappings(self, conn: OnDriver, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The rows as column name -> value, converted as SQLAlchemy converts them."""
         rows, results = self._run(conn, params)
         names = self.columns
@@ -129,11 +144,11 @@ class Prepared:
                  for name, process, value in zip(names, results, row, strict=True)}
                 for row in rows]
 
-    def first(self, conn: Connection, params: Mapping[str, Any]) -> dict[str, Any] | None:
+    def first(self, conn: OnDriver, params: Mapping[str, Any]) -> dict[str, Any] | None:
         rows = self.mappings(conn, params)
         return rows[0] if rows else None
 
-    def scalar(self, conn: Connection, params: Mapping[str, Any]) -> Any:
+    def scalar(self, conn: OnDriver, params: Mapping[str, Any]) -> Any:
         rows = self.mappings(conn, params)
         return next(iter(rows[0].values())) if rows else None
 
@@ -151,7 +166,7 @@ def _result_columns(statement: Executable) -> tuple[list[str], list[Any]]:
 _CACHE: dict[tuple[int, str, str, tuple[str, ...] | None], Prepared] = {}
 
 
-def prepared(statement: Executable, conn: Connection,
+def prepared(statement: Executable, conn: OnDriver,
              column_keys: Sequence[str] | None = None) -> Prepared:
     """``statement`` compiled for ``conn``'s dialect, once per process (statements are
     module-level constants, so their identity is a key)."""

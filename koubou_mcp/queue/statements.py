@@ -52,6 +52,13 @@ READY_COUNT = select(func.count()).select_from(T).where(READY)
 # -- enqueue ------------------------------------------------------------------------------
 
 INSERT_TASK = T.insert().returning(*T.c)  # the values travel as parameters
+#: the newest unfinished task with an idempotency key (``p_key``)
+UNFINISHED_WITH_KEY = (
+    select(T)
+    .where(T.c.idempotency_key == bindparam("p_key", type_=String()), T.c.status.not_in(FINAL))
+    .order_by(T.c.created_at.desc())
+    .limit(1)
+)
 #: serialises enqueues that carry the same idempotency key (PostgreSQL; SQLite's write lock
 #: does that already)
 IDEMPOTENCY_LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:k))")

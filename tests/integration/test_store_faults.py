@@ -140,8 +140,13 @@ def test_chaos_postgres_connections_killed_mid_drain_lose_nothing(
         store = open_store(pg_url, s.run_dir)  # the test's own connections are not killed
         try:
             workers = [procs.worker(s, f"pg-chaos-{i}") for i in range(2)]
-            wait_until(lambda: len(_backends(url, app)) >= 2, timeout=30,
-                       message="both workers to connect")
+            # idle, not just connected: a worker whose connection is killed while it starts
+            # (opening the store, registering) exits with an error, and the supervisor that
+            # would start it again is not part of this test
+            wait_until(lambda: {w.worker_id for w in queue.list_workers(store)
+                                if w.status == "idle"} >= {"pg-chaos-0", "pg-chaos-1"},
+                       timeout=30, message="both workers to be idle")
+            assert len(_backends(url, app)) >= 2
             ids = [_submit(store, s, f"task {i}") for i in range(TASKS)]
             kills, rounds = 0, 0
 

@@ -166,3 +166,57 @@ def test_a_pooled_connection_lost_while_idle_is_replaced_before_use(
                 assert conn.exec_driver_sql("SELECT 1").scalar() == 1
     finally:
         store.close()
+
+
+def test_a_driver_transaction_commits_or_leaves_nothing(store: Store, settings: Settings) -> None:
+    now = utcnow()
+    values = {"task_id": "task_driver_1", "type": "general", "prompt": "p",
+              "created_at": now, "updated_at": now, "timeout_s": 5.0}
+    with pytest.raises(RuntimeError, match="changed my mind"), store.write_on_driver() as tx:
+        prepared(INSERT_TASK, tx, column_keys=tuple(values)).first(tx, values)
+        raise RuntimeError("changed my mind")
+    with pytest.raises(LookupError):
+        queue.get_task(store, "task_driver_1")
+    with store.write_on_driver() as tx:
+        prepared(INSERT_TASK, tx, column_keys=tuple(values)).first(tx, values)
+    assert queue.get_task(store, "task_driver_1").created_at == now
+
+
+def test_a_driver_transaction_waits_for_the_write_lock_then_fails_as_a_store_fault(
+    settings: Settings,
+) -> None:
+    store = open_store(settings.database_url, settings.run_dir, busy_timeout_s=0.05)
+    holder = sqlite3.connect(settings.home / "db" / "koubou.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(OperationalError) as caught:
+            queue.enqueue(store, queue.validate_request(settings, "x"), settings, utcnow())
+        assert is_store_fault(caught.value) and "locked" in str(caught.value)
+        holder.execute("ROLLBACK")
+        assert queue.list_tasks(store) == []  # nothing stored
+        queue.enqueue(store, queue.validate_request(settings, "y"), settings, utcnow())
+        assert [t.prompt for t in queue.list_tasks(store)] == ["y"]
+    finally:
+        holder.close()
+        store.close()
+
+
+def test_a_driver_transaction_whose_connection_was_killed_is_invalidated(
+    pg_url: str, settings: Settings,
+) -> None:
+    store = open_store(pg_url, settings.run_dir)
+    try:
+        with pytest.raises(OperationalError) as caught, store.write_on_driver() as tx:
+            with tx.connection.dbapi_connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                backend_pid = cursor.fetchone()[0]
+            with store.write() as other:
+                other.exec_driver_sql(f"SELECT pg_terminate_backend({backend_pid})")
+            prepared(ANY_READY, tx).execute(tx, {"p_now": utcnow()})
+        assert caught.value.connection_invalidated and tx.invalidated
+        assert is_store_fault(caught.value)
+        for _ in range(6):  # every connection the pool hands out now works
+            queue.enqueue(store, queue.validate_request(settings, "after"), settings, utcnow())
+        assert len(queue.list_tasks(store)) == 6
+    finally:
+        store.close()

@@ -130,6 +130,72 @@ def test_an_unsupported_url_is_refused(tmp_path: Path) -> None:
         open_store("mysql://x@y/z", tmp_path)
 
 
+_PARTIAL = ("ix_task_master_worker_set", "ix_task_master_idempotency_set",
+            "ix_task_master_finished_set")
+
+
+def test_a_version_5_store_is_migrated_to_partial_indexes_a_new_task_does_not_write(
+        settings: Settings) -> None:
+    open_store(settings.database_url, settings.run_dir).close()
+    db = sqlite3.connect(settings.home / "db" / "koubou.db")
+    # what version 5 left behind: the three indexes over every row
+    for name in _PARTIAL:
+        db.execute(f"DROP INDEX {name}")
+    db.execute("CREATE INDEX ix_task_master_worker ON task_master (worker_id, status)")
+    db.execute("CREATE INDEX ix_task_master_idempotency ON task_master (idempotency_key)")
+    db.execute("CREATE INDEX ix_task_master_finished ON task_master (finished_at)")
+    db.execute("UPDATE koubou_meta SET value='5' WHERE key='schema_version'")
+    db.commit()
+    store = open_store(settings.database_url, settings.run_dir)
+    indexes = {row[0]: row[1] for row in db.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type='index' AND sql IS NOT NULL")}
+    assert not {"ix_task_master_worker", "ix_task_master_idempotency",
+                "ix_task_master_finished"} & set(indexes)
+    for name in _PARTIAL:
+        assert "IS NOT NULL" in indexes[name], indexes[name]
+    assert db.execute("SELECT value FROM koubou_meta").fetchone() == (str(SCHEMA_VERSION),)
+    # the queries these indexes serve still use them
+    for query, index in [
+        ("SELECT task_id FROM task_master WHERE idempotency_key = 'k' AND status NOT IN "
+         "('completed', 'failed', 'cancelled')", "ix_task_master_idempotency_set"),
+        ("SELECT task_id FROM task_master WHERE worker_id = 'w' AND status = 'in_progress'",
+         "ix_task_master_worker_set"),
+        ("SELECT task_id FROM task_master WHERE finished_at >= '2026-01-01'",
+         "ix_task_master_finished_set"),
+    ]:
+        plan = str(db.execute(f"EXPLAIN QUERY PLAN {query}").fetchall())
+        assert index in plan, (query, plan)
+    # a new task is in none of them; a finished one is in all three
+    queue.enqueue(store, queue.validate_request(settings, "new"), settings, utcnow())
+
+    columns = dict(zip(_PARTIAL, ("worker_id", "idempotency_key", "finished_at"), strict=True))
+
+    def entries(index: str) -> int:
+        return int(db.execute(f"SELECT count(*) FROM task_master INDEXED BY {index} "
+                              f"WHERE {columns[index]} IS NOT NULL").fetchone()[0])
+
+    assert [entries(i) for i in _PARTIAL] == [0, 0, 0]
+    claimed = queue.claim_next(store, "w1", utcnow(), 30)
+    assert claimed is not None
+    queue.complete(store, claimed.task_id, "w1", "done", utcnow())
+    assert [entries(i) for i in _PARTIAL] == [1, 0, 1]
+    store.close()
+    db.close()
+
+
+def test_postgres_indexes_are_partial_too(pg_url: str, tmp_path: Path) -> None:
+    store = open_store(pg_url, tmp_path)
+    try:
+        with store.read() as conn:
+            found = dict(conn.exec_driver_sql(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'task_master'"
+            ).all())
+    finally:
+        store.close()
+    for name in _PARTIAL:
+        assert "IS NOT NULL" in found[name], found
+
+
 def test_a_version_1_store_is_migrated_to_the_claim_ordered_index(settings: Settings) -> None:
     open_store(settings.database_url, settings.run_dir).close()
     db = sqlite3.connect(settings.home / "db" / "koubou.db")
