@@ -18,6 +18,7 @@ from koubou_mcp.queue.statements import (
     SERVER_ROW,
     WORKER_BUSY,
     WORKER_BUSY_COUNTED,
+    admit_statement_pg,
     claim_statement,
 )
 from koubou_mcp.store import Store
@@ -92,6 +93,14 @@ def admit_in(conn: Connection, postgres: bool, worker_id: str, now: datetime, le
     else:
         if capacity is None:
             capacity = lock_server(conn, model_url, now, postgres)
+        if postgres:  # one round trip under the server's lock instead of three
+            row = prepared(admit_statement_pg(), conn).first(
+                conn, {**params, "p_limit": capacity.limit, "p_completed": completed})
+            if row is None:
+                return None
+            in_flight = int(row.pop("in_flight"))
+            del row["workers_marked"]
+            return Admitted(task_snapshot(row), in_flight + 1, capacity)
         in_flight = int(prepared(IN_FLIGHT, conn).scalar(conn, {"p_url": model_url,
                                                                   "p_now": now}))
         if in_flight >= capacity.limit:

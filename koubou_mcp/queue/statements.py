@@ -70,6 +70,13 @@ IDEMPOTENCY_LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:k))")
 def claim_statement(postgres: bool) -> Any:
     """One ``UPDATE … RETURNING``: the best ready task (highest priority, then oldest) becomes
     ``p_worker``'s, with a lease until ``p_lease`` (``SKIP LOCKED`` on PostgreSQL)."""
+    return _claim(postgres)
+
+
+def _claim(postgres: bool) -> Any:
+    """``claim_statement``, built anew: a statement derived from one that has been compiled
+    can keep the columns it returned before (SQLAlchemy memoizes them), so each statement
+    built on this one starts from a fresh copy."""
     candidate = (
         select(T.c.task_id).where(READY)
         .order_by(T.c.priority.desc(), T.c.created_at, T.c.task_id)
@@ -94,11 +101,44 @@ IN_FLIGHT = select(func.count()).select_from(T).where(
     T.c.model_url == URL,
     T.c.lease_expires_at >= NOW,
 )
-WORKER_BUSY = update(W).where(W.c.worker_id == WORKER).values(
-    status=WorkerStatus.BUSY.value, current_task=TASK, last_heartbeat=NOW, idle_since=None)
+def _worker_busy() -> Any:
+    return update(W).where(W.c.worker_id == WORKER).values(
+        status=WorkerStatus.BUSY.value, current_task=TASK, last_heartbeat=NOW, idle_since=None)
+
+
+def _worker_busy_counted() -> Any:
+    return _worker_busy().values(
+        tasks_completed=W.c.tasks_completed + bindparam("p_completed", type_=Integer()))
+
+
+WORKER_BUSY = _worker_busy()
 #: ``WORKER_BUSY`` that also counts the task the worker just completed (the hand-over)
-WORKER_BUSY_COUNTED = WORKER_BUSY.values(
-    tasks_completed=W.c.tasks_completed + bindparam("p_completed", type_=Integer()))
+WORKER_BUSY_COUNTED = _worker_busy_counted()
+
+
+@functools.cache
+def admit_statement_pg() -> Any:
+    """PostgreSQL: the claim, its slot check and the worker's row in one statement.
+
+    While a worker admits a task it holds its model server's row lock (``lock_server``), and
+    every other worker's admission to that server waits for it; as separate statements the
+    slot count, the claim and the worker's row were three round trips under the lock. Here
+    the claim's ``UPDATE`` takes the best ready task only while fewer than ``p_limit`` tasks
+    hold a slot (``IN_FLIGHT``, read in the statement's snapshot, which is taken after the
+    lock: it sees every admission committed before), returns the count as ``in_flight``,
+    and a second ``UPDATE`` in the same statement marks ``p_worker`` busy with that task,
+    counting ``p_completed`` (``WORKER_BUSY_COUNTED``). No row: no task was admitted, and
+    the worker's row is unchanged.
+    """
+    in_flight = IN_FLIGHT.scalar_subquery()
+    claimed = (_claim(True)
+               .where(in_flight < bindparam("p_limit", type_=Integer()))
+               .returning(in_flight.label("in_flight"))
+               .cte("claimed"))
+    busy = (_worker_busy_counted().values(current_task=claimed.c.task_id)
+            .returning(W.c.worker_id).cte("busy"))
+    return select(claimed, select(func.count()).select_from(busy).scalar_subquery()
+                  .label("workers_marked"))
 #: a model server's row (locked for the transaction on PostgreSQL: ``SERVER_ROW_LOCKED``)
 SERVER_ROW = select(M).where(M.c.url == URL)
 SERVER_ROW_LOCKED = SERVER_ROW.with_for_update()

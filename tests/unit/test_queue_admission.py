@@ -50,6 +50,24 @@ def test_a_new_server_admits_one_task_at_a_time(store: Store, store_settings: Se
     assert second is not None and second.task.model_url == URL
 
 
+def test_an_admission_marks_its_worker_busy_and_a_refused_one_changes_nothing(
+        store: Store, store_settings: Settings) -> None:
+    queue.configure_model_server(store, URL, 2, at(0))
+    ids = submit(store, store_settings, 3)
+    workers(store, "w1", "w2", "w3")
+    first = queue.admit_next(store, "w1", at(1), 30, URL)
+    second = queue.admit_next(store, "w2", at(1), 30, URL)
+    assert first is not None and second is not None
+    assert (first.concurrency, second.concurrency) == (1, 2)  # the slots in use with each
+    assert queue.admit_next(store, "w3", at(1), 30, URL) is None  # both slots are taken
+    rows = {w.worker_id: w for w in queue.list_workers(store)}
+    assert (rows["w1"].status, rows["w1"].current_task) == ("busy", first.task.task_id)
+    assert (rows["w2"].status, rows["w2"].current_task) == ("busy", second.task.task_id)
+    assert (rows["w3"].status, rows["w3"].current_task) == ("starting", None)
+    [left] = set(ids) - {first.task.task_id, second.task.task_id}
+    assert queue.get_task(store, left).status == TaskStatus.PENDING
+
+
 def test_the_slot_of_a_dead_worker_frees_when_its_lease_runs_out(
         store: Store, store_settings: Settings) -> None:
     submit(store, store_settings, 2)
