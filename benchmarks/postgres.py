@@ -186,7 +186,8 @@ def _run(quick: bool, pg_url: str, version: str) -> dict[str, Any]:
         "finish claims before it sleeps. In the batch runs the workers are mostly busy, so "
         f"what is left of the growth ({worst_cpu:.1f} ms per task with {worst_n} workers "
         f"against {one_cpu:.1f} ms with one) is more processes than cores contending for them "
-        "and for the claim's locks.",
+        "and for the model server's row lock, which each admission holds for two round "
+        "trips (the slot check, the claim and the worker's row are one statement).",
         f"Dispatch: {dispatch_tasks} tasks submitted one at a time (each after the previous "
         "ended and a pause) to 1, then to "
         f"{herd} idle workers; created_at -> the request reaching the stand-in Ollama, as in the "
