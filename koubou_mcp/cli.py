@@ -32,6 +32,7 @@ from koubou_mcp.config import (
 )
 from koubou_mcp.home import check_home, left_behind, private_log_handler
 from koubou_mcp.leader import LOCK_FILE, PID_FILE, lock_is_held, read_holder
+from koubou_mcp.logformat import LineFormatter, lean_records
 from koubou_mcp.models import FINAL_STATUSES, TaskStatus, utcnow
 from koubou_mcp.modelset import ModelSet
 from koubou_mcp.processes import process_cmdline, wait_gone
@@ -97,7 +98,8 @@ def setup_logging(settings: Settings, logfile: Path | None, *, stderr_level: int
     root.handlers.clear()
     level = getattr(logging, settings.log_level)
     root.setLevel(min(level, stderr_level))
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    lean_records()
+    fmt = LineFormatter()  # shared by both handlers: each record is formatted once
     repeats = RepeatFilter()  # one filter for both handlers: a burst is counted once
     err = logging.StreamHandler(sys.stderr)
     err.addFilter(repeats)

@@ -31,6 +31,7 @@ from koubou_mcp import queue
 from koubou_mcp.attachment import Linger, attached_servers
 from koubou_mcp.config import Settings
 from koubou_mcp.home import private_log_handler
+from koubou_mcp.logformat import LineFormatter
 from koubou_mcp.models import utcnow
 from koubou_mcp.processes import Launcher, Phase
 from koubou_mcp.store import Store, open_store
@@ -81,8 +82,7 @@ class PoolLog:
         except OSError as exc:  # an unsafe file too (home.UnsafeHome)
             log.warning("cannot write %s: %s", self.path, exc)
             return
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"))
+        handler.setFormatter(LineFormatter())
         handler.addFilter(_HomeFilter(str(self.settings.home)))
         logger.addHandler(handler)
         self._handler = handler
