@@ -11,7 +11,8 @@ The supervisor never reads the clock and never waits: ``pool.py`` runs it in tim
    maybe on another machine) and marks silent worker rows offline;
 3. kills (SIGKILL, whole process group) a worker whose task ran past ``timeout_s`` plus a grace,
    and fails that task ("timed out after N s", not retried); also a worker that ignored its
-   retirement, or that never finished starting;
+   retirement, that never finished starting, or that hangs (no heartbeat for a whole lease
+   while the store answered us: it would hold its place in the pool for ever);
 4. counts the processes it manages (never rows) as starting, idle or busy, asks the policy
    (``scaling.decide``) and applies the answer, braked by ``scaling.CrashBackoff`` while workers
    keep dying at start-up: spawn workers, or SIGTERM idle ones (they exit);
@@ -101,6 +102,9 @@ class Supervisor:
         #: the last failed tick, as its hosting loop reported it
         self.last_error: str | None = None
         self._next_maintenance: datetime | None = None
+        #: since when ticks came without a gap and the store answered each (``_watched``)
+        self._watching_since: datetime | None = None
+        self._last_tick: datetime | None = None
         self._health: dict[str, Any] = {"leader": False, "pid": os.getpid(), "role": role,
                                         "home": str(settings.home)}
 
@@ -143,11 +147,17 @@ class Supervisor:
         if not self.is_leader:
             raise RuntimeError("tick() needs leadership; call try_lead() first")
         self.reap(now)
-        if self._next_maintenance is None or now >= self._next_maintenance:
-            self._maintain(now)
-        rows = {w.worker_id: w for w in queue.list_workers(self.store)}
+        try:
+            if self._next_maintenance is None or now >= self._next_maintenance:
+                self._maintain(now)
+            rows = {w.worker_id: w for w in queue.list_workers(self.store)}
+        except Exception:
+            self._watching_since = None
+            raise
+        self._watched(now)
         self._observe(rows)
         self._enforce_deadlines(now)
+        self._kill_hung(rows, now)
         decision = self.tuning.policy(self.snapshot(rows, now), self.settings)
         self._apply(decision, now)
         if self.stats_log.due(now):
@@ -294,6 +304,41 @@ class Supervisor:
                 self._startup_failed(
                     now, f"worker {m.worker_id} was not ready {self.tuning.startup_timeout_s:g}s "
                          f"after its start and was killed; see {self._worker_log(m.worker_id)}")
+
+    def _watched(self, now: datetime) -> None:
+        """Note a tick at ``now`` whose store reads worked. A gap of half a lease since the
+        last tick (this process stalled: a store call that waited for a lock, a machine that
+        slept) starts the watch again, like a failed tick: the workers' heartbeats may have
+        waited for the same thing."""
+        gap_s = None if self._last_tick is None else (now - self._last_tick).total_seconds()
+        if self._watching_since is None or (gap_s is not None and
+                                            gap_s > self.settings.lease_s / 2):
+            self._watching_since = now
+        self._last_tick = now
+
+    def _kill_hung(self, rows: Mapping[str, WorkerSnapshot], now: datetime) -> None:
+        """Kill a running worker whose row had no heartbeat for a whole lease.
+
+        Its watchdog beats every ``heartbeat_s`` whatever the worker is doing, so silence this
+        long means the process is stuck (stopped, deadlocked): its task's lease runs out and
+        the task goes back, but the process would keep its place in the pool for ever, and
+        with ``max_workers`` reached nothing would run. Silence only counts within a watch
+        (``_watched``) a lease long: after a store outage or a stall of ours, the workers get
+        a lease to be heard again."""
+        lease_s = self.settings.lease_s
+        if self._watching_since is None or \
+                (now - self._watching_since).total_seconds() < lease_s:
+            return
+        for m in list(self.workers.values()):
+            row = rows.get(m.worker_id)
+            if m.phase != Phase.RUNNING or not m.ready or row is None:
+                continue
+            silent_s = (now - row.last_heartbeat).total_seconds()
+            if silent_s > lease_s:
+                self.log.warning("worker %s (pid %d) sent no heartbeat for %.0fs (a lease is "
+                                 "%gs): it hangs; killing it", m.worker_id, m.process.pid,
+                                 silent_s, lease_s)
+                m.kill(now)
 
     def _maintain(self, now: datetime) -> None:
         """Recover what vanished without our noticing: expired leases, silent worker rows."""

@@ -127,6 +127,39 @@ def test_a_sigkilled_busy_worker_s_task_is_requeued_at_once_completed_and_the_wo
     assert dead is not None and dead.status == WorkerStatus.OFFLINE
 
 
+def test_a_hung_worker_is_killed_after_a_silent_lease_and_a_new_one_runs_its_task(
+    pool_thread: Callable[..., PoolHandle], pool_settings: Settings, sqlite_store: Store,
+    fake_ollama: FakeOllama,
+) -> None:
+    # one worker at most: unless the hung one is killed, nothing ever runs the task again
+    settings = pool_settings.with_overrides(max_workers=1)
+    handle = pool_thread(settings)
+    wait_until(lambda: handle.health().get("workers", {}).get("idle") == 1, 20,
+               message="the first worker to be ready")
+    fake_ollama.configure(mode="hang")
+    (task,) = submit(sqlite_store, settings)
+    running = wait_until(task_in(sqlite_store, task.task_id, "in_progress"), 10,
+                         message="the task to be claimed")
+    assert running is not None
+    victim = queue.get_worker(sqlite_store, running.worker_id or "")
+    assert victim is not None and victim.pid
+
+    os.kill(victim.pid, signal.SIGSTOP)  # alive, but it does nothing any more
+    try:
+        wait_until(lambda: not pid_alive(victim.pid), 6 * settings.lease_s,
+                   message="the supervisor to kill the silent worker")
+    finally:
+        if pid_alive(victim.pid):
+            os.kill(victim.pid, signal.SIGKILL)
+    fake_ollama.configure(mode="ok")
+    fake_ollama.release()
+    done = wait_until(task_in(sqlite_store, task.task_id, "completed"), 20,
+                      message="a new worker to run the task")
+    assert done is not None and done.worker_id != victim.worker_id and done.attempts == 2
+    dead = queue.get_worker(sqlite_store, victim.worker_id)
+    assert dead is not None and dead.status == WorkerStatus.OFFLINE
+
+
 def test_two_pools_on_one_home_one_supervises_and_the_other_takes_over_then_stop_leaves_none(
     pools: PoolProcesses, pool_settings: Settings, sqlite_store: Store,
 ) -> None:

@@ -306,3 +306,78 @@ def test_the_queue_functions_the_supervisor_adds(store: Store, pool_settings: Se
     (running,) = queue.running_task_deadlines(store)
     assert (running.task_id, running.worker_id, running.started_at, running.timeout_s) == (
         task.task_id, "fresh", at(26), 7)
+
+
+def test_a_worker_whose_heartbeats_stop_for_a_lease_is_killed_and_its_task_goes_back(
+    pool_settings: Settings, store: Store, launcher: FakeLauncher
+) -> None:
+    settings = pool_settings.with_overrides(min_workers=2)
+    sup = Supervisor(settings, store, launcher=launcher, tuning=Tuning(wake_on_work=False))
+    assert sup.try_lead()
+    try:
+        sup.tick(at(0))
+        hung, beating = launcher.started
+        become_ready(store, hung, at(0.5))
+        become_ready(store, beating, at(0.5))
+        (task,) = submit(store, settings, now=at(1), timeout_s=600)
+        queue.claim_next(store, hung.worker_id, at(1), settings.lease_s)
+        queue.set_worker_status(store, hung.worker_id, WorkerStatus.BUSY, at(1))  # last beat
+        lease = settings.lease_s
+        for t in range(3, int(lease) + 1, 3):
+            queue.set_worker_status(store, beating.worker_id, WorkerStatus.IDLE, at(t))
+            sup.tick(at(t))
+        assert hung.signals == []  # silent for a lease minus a second: not yet
+        queue.set_worker_status(store, beating.worker_id, WorkerStatus.IDLE, at(lease + 1.5))
+        sup.tick(at(lease + 1.5))
+        assert hung.signals == ["KILL"]
+        assert beating.signals == []  # a worker that beats is left alone
+        sup.tick(at(lease + 2))  # reaped: its task back in the queue, the attempt spent
+        back = queue.get_task(store, task.task_id)
+        assert back.status == TaskStatus.PENDING and back.attempts == 1
+        assert hung.worker_id not in sup.workers and len(launcher.started) == 3  # replaced
+    finally:
+        sup.close(at(3600))
+
+
+def test_after_a_store_outage_workers_get_a_lease_to_beat_again_before_counting_as_hung(
+    sup: Supervisor, launcher: FakeLauncher, store: Store, pool_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sup.tick(at(0))
+    worker = launcher.started[0]
+    become_ready(store, worker, at(0.5))
+    lease = pool_settings.lease_s
+
+    def store_down(*args: object, **kwargs: object) -> None:
+        raise OSError("the store is down")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(queue, "list_workers", store_down)
+        for t in range(3, int(lease) + 10, 3):
+            with pytest.raises(OSError):
+                sup.tick(at(t))
+    back = lease + 10  # silent for longer than a lease, but so was the store
+    for t in range(int(back), int(back + lease), 3):  # answering for less than a lease
+        sup.tick(at(t))
+        assert worker.signals == []
+    sup.tick(at(back + lease + 1))  # a whole lease of answers, and still no beat: it hangs
+    assert worker.signals == ["KILL"]
+
+
+def test_after_a_stall_of_the_supervisor_workers_get_a_lease_to_beat_again(
+    sup: Supervisor, launcher: FakeLauncher, store: Store, pool_settings: Settings,
+) -> None:
+    # a store call that waited for a lock, or a machine that slept: every heartbeat is old
+    sup.tick(at(0))
+    worker = launcher.started[0]
+    become_ready(store, worker, at(0.5))
+    lease = pool_settings.lease_s
+    for t in range(3, int(lease), 3):
+        queue.set_worker_status(store, worker.worker_id, WorkerStatus.IDLE, at(t))
+        sup.tick(at(t))
+    woke = 3600.0
+    for t in range(int(woke), int(woke + lease), 3):
+        sup.tick(at(t))
+        assert worker.signals == []
+    sup.tick(at(woke + lease + 1))
+    assert worker.signals == ["KILL"]
