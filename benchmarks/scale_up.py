@@ -132,7 +132,7 @@ def _pool(*, max_workers: int, latency_s: float, slots: int, tuning: Tuning,
     instead of learned."""
     with scratch_dir(NAME) as home, in_process(models=["gpt-oss:20b"], latency_s=latency_s,
                                                slots=slots) as fake:
-        pin = {"ollama_parallel": pinned_limit} if pinned_limit else {}
+        pin: dict[str, Any] = {"ollama_parallel": pinned_limit} if pinned_limit else {}
         settings = bench_settings(home, fake.url, min_workers=1, max_workers=max_workers, **pin)
         store = open_store(settings.database_url, settings.run_dir)
         started = time.monotonic()
