@@ -16,7 +16,7 @@ from datetime import datetime
 from koubou_mcp.admission import Observation, next_capacity
 from koubou_mcp.queue.claim import Admitted, admit_in
 from koubou_mcp.queue.lifecycle import Generated, complete_in, mark_worker_done
-from koubou_mcp.queue.servers import lock_server, write_server
+from koubou_mcp.queue.servers import lock_server_row, worth_writing, write_server
 from koubou_mcp.store import Store
 
 
@@ -51,10 +51,11 @@ def complete_and_admit(store: Store, task_id: str, worker_id: str, result: str, 
                                worker_row=False)
         known = None
         if model_url is not None and observations:
-            before = known = lock_server(conn, model_url, now, store.is_postgres)
+            before, written_at = lock_server_row(conn, model_url, now, store.is_postgres)
+            known = before
             for observation in observations:
                 known = next_capacity(known, observation, now, max_limit)
-            if known != before:
+            if worth_writing(before, known, written_at, now):
                 write_server(conn, known, now)
             raised = known.limit > before.limit
         if claim is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +22,10 @@ from koubou_mcp.queue.statements import (
 )
 from koubou_mcp.store import Store
 
+#: a hand-over writes a server's latest measurements (``last_ttft_s``, ``last_tps``, shown by
+#: health, ``top`` and the metrics) at most this often when nothing it learns changes, s
+MEASUREMENTS_EVERY_S = 1.0
+
 
 def lock_server(conn: Connection, url: str, now: datetime, postgres: bool) -> Capacity:
     """The server's row, locked for this transaction (made at one slot when new).
@@ -29,6 +33,12 @@ def lock_server(conn: Connection, url: str, now: datetime, postgres: bool) -> Ca
     On PostgreSQL the row lock serialises admissions to one server (SQLite's write lock does
     that already), so two workers never both take the last slot.
     """
+    return lock_server_row(conn, url, now, postgres)[0]
+
+
+def lock_server_row(conn: Connection, url: str, now: datetime,
+                    postgres: bool) -> tuple[Capacity, datetime | None]:
+    """``lock_server``, and when the row was last written (None: it is new)."""
     query = prepared(SERVER_ROW_LOCKED if postgres else SERVER_ROW, conn)
     row = query.first(conn, {"p_url": url})
     if row is None:
@@ -36,10 +46,26 @@ def lock_server(conn: Connection, url: str, now: datetime, postgres: bool) -> Ca
         if postgres:
             conn.execute(SERVER_INSERT_PG, {"url": url, "now": now})
             row = query.first(conn, {"p_url": url})
-            return capacity_of(row) if row is not None else cap
+            return (capacity_of(row), row["updated_at"]) if row is not None else (cap, None)
         conn.execute(M.insert().values(url=url, **capacity_values(cap, now)))
-        return cap
-    return capacity_of(row)
+        return cap, None
+    return capacity_of(row), row["updated_at"]
+
+
+def worth_writing(before: Capacity, after: Capacity, written_at: datetime | None,
+                  now: datetime) -> bool:
+    """Whether ``after`` must be stored now: anything the admission learned (the limit, the
+    baselines, the ceiling, busy events) at once; the latest measurements alone once
+    ``MEASUREMENTS_EVERY_S`` has passed since the row was written.
+
+    A worker's hand-over holds the server's row (PostgreSQL's row lock, SQLite's write lock)
+    while it writes it, and every other admission to that server waits: a write per task of
+    two numbers only shown to people made it one statement longer for all of them."""
+    if after == before:
+        return False
+    if replace(after, last_ttft_s=before.last_ttft_s, last_tps=before.last_tps) != before:
+        return True
+    return written_at is None or (now - written_at).total_seconds() >= MEASUREMENTS_EVERY_S
 
 
 def write_server(conn: Connection, cap: Capacity, now: datetime) -> None:

@@ -253,6 +253,42 @@ def test_a_hand_over_completes_the_task_and_claims_the_next_with_the_freed_slot(
     assert use.capacity.last_ttft_s == 0.1  # the observation was applied
 
 
+def test_a_hand_over_writes_what_it_learns_at_once_and_bare_measurements_once_a_second(
+        store: Store, store_settings: Settings) -> None:
+    queue.configure_model_server(store, URL, 4, at(0))  # pinned: nothing to learn
+    submit(store, store_settings, 4)
+    workers(store, "w1")
+    running = queue.admit_next(store, "w1", at(1), 30, URL)
+    assert running is not None
+
+    def hand_over(when: float, **measured: float) -> None:
+        nonlocal running
+        assert running is not None
+        handed = queue.complete_and_admit(
+            store, running.task.task_id, "w1", "done", at(when), None,
+            observations=[Observation(1, **measured)], max_limit=4, model_url=URL,
+            claim=queue.NextClaim(30, URL))
+        running = handed.next
+
+    def shown() -> tuple[float | None, float | None]:
+        [use] = queue.model_servers(store, at(10))
+        return use.capacity.last_ttft_s, use.capacity.last_tps
+
+    hand_over(1.2, tokens_per_s=50.0)  # the row was written at 0 (pinned at 0): due
+    assert shown() == (None, 50.0)
+    hand_over(1.5, tokens_per_s=60.0)  # 0.3 s later, only a measurement: not written yet
+    assert shown() == (None, 50.0)
+    hand_over(2.3, tokens_per_s=70.0)  # a second after the last write: written
+    assert shown() == (None, 70.0)
+    # unpinned, a measurement teaches the admission something (a baseline): written at once
+    queue.configure_model_server(store, URL, None, at(2.4))
+    [before] = queue.model_servers(store, at(2.4))
+    hand_over(2.5, tokens_per_s=80.0)
+    [after] = queue.model_servers(store, at(2.5))
+    assert before.capacity.baseline_tps is None and after.capacity.baseline_tps == 80.0
+    assert after.capacity.last_tps == 80.0
+
+
 def test_a_hand_over_without_a_claim_leaves_the_worker_idle(
         store: Store, store_settings: Settings) -> None:
     [task_id] = submit(store, store_settings, 1)
