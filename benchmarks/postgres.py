@@ -188,6 +188,16 @@ def _run(quick: bool, pg_url: str, version: str) -> dict[str, Any]:
         f"against {one_cpu:.1f} ms with one) is more processes than cores contending for them "
         "and for the model server's row lock, which each admission holds for two round "
         "trips (the slot check, the claim and the worker's row are one statement).",
+        "What stands in the way of flat beyond 2 workers is that lock. Measured in the "
+        "workers (from taking the lock to the end of the commit, waiting included): 3-4 ms per "
+        "task at the median with 2 workers, 22-33 ms with 8. A hand-over holds it across "
+        "client round trips (the lock's reply, the claim's reply, then the commit and its WAL "
+        "flush), and on 2 cores shared by 8 workers, their 8 server processes, the submitter "
+        "and the stand-in, every round trip also waits to be scheduled. Writing the server's "
+        "row only when the admission learned something (its bare measurements at most once "
+        "a second) took a statement out of the lock but changed nothing measurable at 8 "
+        "workers. Next: no client round trip while the lock is held (the claim and the commit "
+        "sent as one pipeline, or the admission as one server-side function).",
         f"Dispatch: {dispatch_tasks} tasks submitted one at a time (each after the previous "
         "ended and a pause) to 1, then to "
         f"{herd} idle workers; created_at -> the request reaching the stand-in Ollama, as in the "
