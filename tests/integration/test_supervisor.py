@@ -50,8 +50,25 @@ def task_in(store: Store, task_id: str, status: str) -> Callable[[], queue.TaskS
     return check
 
 
-def live_rows(store: Store, status: WorkerStatus) -> list[queue.Worker]:
+def live_rows(store: Store, status: WorkerStatus) -> list[queue.WorkerSnapshot]:
     return [w for w in queue.list_workers(store) if w.status == status.value]
+
+
+def busy_on_a_hung_model(handle: PoolHandle, store: Store, settings: Settings,
+                         fake_ollama: FakeOllama
+                         ) -> tuple[queue.TaskSnapshot, queue.WorkerSnapshot, int]:
+    """Once the pool's first worker is ready, a task on a model that never answers: the task,
+    the row of the worker that holds it and that worker's pid."""
+    wait_until(lambda: handle.health().get("workers", {}).get("idle") == 1, 20,
+               message="the first worker to be ready")
+    fake_ollama.configure(mode="hang")
+    (task,) = submit(store, settings)
+    running = wait_until(task_in(store, task.task_id, "in_progress"), 10,
+                         message="the task to be claimed")
+    assert running is not None
+    worker = queue.get_worker(store, running.worker_id or "")
+    assert worker is not None and worker.pid
+    return task, worker, worker.pid
 
 
 def test_a_burst_grows_the_pool_to_max_in_one_decision_then_idle_workers_retire_to_min(
@@ -98,17 +115,9 @@ def test_a_sigkilled_busy_worker_s_task_is_requeued_at_once_completed_and_the_wo
 ) -> None:
     settings = pool_settings.with_overrides(lease_s=30.0)  # recovery cannot come from expiry
     handle = pool_thread(settings)
-    wait_until(lambda: handle.health().get("workers", {}).get("idle") == 1, 20,
-               message="the first worker to be ready")
-    fake_ollama.configure(mode="hang")
-    (task,) = submit(sqlite_store, settings)
-    running = wait_until(task_in(sqlite_store, task.task_id, "in_progress"), 10,
-                         message="the task to be claimed")
-    assert running is not None
-    victim = queue.get_worker(sqlite_store, running.worker_id or "")
-    assert victim is not None and victim.pid
+    task, victim, pid = busy_on_a_hung_model(handle, sqlite_store, settings, fake_ollama)
 
-    os.kill(victim.pid, signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
 
     def taken_back() -> bool:
         t = queue.get_task(sqlite_store, task.task_id)
@@ -134,23 +143,15 @@ def test_a_hung_worker_is_killed_after_a_silent_lease_and_a_new_one_runs_its_tas
     # one worker at most: unless the hung one is killed, nothing ever runs the task again
     settings = pool_settings.with_overrides(max_workers=1)
     handle = pool_thread(settings)
-    wait_until(lambda: handle.health().get("workers", {}).get("idle") == 1, 20,
-               message="the first worker to be ready")
-    fake_ollama.configure(mode="hang")
-    (task,) = submit(sqlite_store, settings)
-    running = wait_until(task_in(sqlite_store, task.task_id, "in_progress"), 10,
-                         message="the task to be claimed")
-    assert running is not None
-    victim = queue.get_worker(sqlite_store, running.worker_id or "")
-    assert victim is not None and victim.pid
+    task, victim, pid = busy_on_a_hung_model(handle, sqlite_store, settings, fake_ollama)
 
-    os.kill(victim.pid, signal.SIGSTOP)  # alive, but it does nothing any more
+    os.kill(pid, signal.SIGSTOP)  # alive, but it does nothing any more
     try:
-        wait_until(lambda: not pid_alive(victim.pid), 6 * settings.lease_s,
+        wait_until(lambda: not pid_alive(pid), 6 * settings.lease_s,
                    message="the supervisor to kill the silent worker")
     finally:
-        if pid_alive(victim.pid):
-            os.kill(victim.pid, signal.SIGKILL)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
     fake_ollama.configure(mode="ok")
     fake_ollama.release()
     done = wait_until(task_in(sqlite_store, task.task_id, "completed"), 20,
