@@ -20,6 +20,7 @@ from benchmarks import dispatch, throughput
 from benchmarks.common import (
     Children,
     bench_settings,
+    cpu_seconds,
     fmt,
     make_result,
     median,
@@ -43,7 +44,36 @@ HERD = 8
 FLAT = 0.9
 
 COLUMNS = ["store", "workers", "tasks_per_s", "vs_1_worker", "vs_sqlite", "cpu_ms_per_task",
+           "server_cpu_ms_per_task", "standin_cpu_ms_per_task",
            "dispatch_p50_ms", "dispatch_p95_ms", "dispatch_p99_ms"]
+
+
+def _server_pids() -> list[int]:
+    """The PostgreSQL server's processes on this machine (the benchmark's server is local)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/comm") as f:
+                    if f.read().strip() == "postgres":
+                        found.append(int(name))
+            except OSError:
+                continue
+    return found
+
+
+def _peers(standin_pid: int) -> Callable[[], dict[str, float]]:
+    """CPU seconds so far of the PostgreSQL server's processes and of the stand-in Ollama
+    (each worker's server process lives as long as its connection: the batch's own)."""
+    def seconds() -> dict[str, float]:
+        total = 0.0
+        for pid in _server_pids():
+            try:
+                total += cpu_seconds(pid)
+            except OSError:
+                continue  # a process that ended meanwhile
+        return {"server": total, "standin": cpu_seconds(standin_pid)}
+    return seconds
 
 
 def _plain(url: str) -> str:
@@ -91,6 +121,8 @@ def _run(quick: bool, pg_url: str, version: str) -> dict[str, Any]:
         pin = throughput.SLOTS
         pg_settings = bench_settings(tmp / "home-pg", fake.url, pg_url, ollama_parallel=pin)
         pg_store = open_store(pg_url, pg_settings.run_dir)
+        assert fake.process is not None
+        peers = _peers(fake.process.pid)
         try:
             for rep in range(reps):
                 plan = [("postgresql", n) for n in pg_counts] + \
@@ -101,7 +133,7 @@ def _run(quick: bool, pg_url: str, version: str) -> dict[str, Any]:
                     label = f"{store_name[:2]}-r{rep}-n{n}"
                     if store_name == "postgresql":
                         one = throughput.ours_once(children, pg_store, pg_settings, n, batch,
-                                                   label)
+                                                   label, peers=peers)
                     else:
                         settings = bench_settings(tmp / f"home-{label}", fake.url,
                                                   ollama_parallel=pin)
@@ -147,6 +179,9 @@ def _run(quick: bool, pg_url: str, version: str) -> dict[str, Any]:
                 else f"{vs_sqlite:.2f}x",
                 "cpu_ms_per_task": spread([r["cpu_ms_per_task"]
                                            for r in results[(store_name, n)]]),
+                **{column: spread([r[column] for r in results[(store_name, n)]])
+                   for column in ("server_cpu_ms_per_task", "standin_cpu_ms_per_task")
+                   if store_name == "postgresql"},
             })
     idle = {n: dispatch.summarize("", runs) for n, runs in idle_runs.items()}
     for n, summary in idle.items():
@@ -157,11 +192,11 @@ def _run(quick: bool, pg_url: str, version: str) -> dict[str, Any]:
                      "dispatch_p99_ms": summary["backend_p99_ms"]})
     summary = idle[1]
 
-    def cpu(n: int) -> float:
-        return median([r["cpu_ms_per_task"] for r in results[("postgresql", n)]])
+    def cpu(n: int, who: str = "") -> float:
+        return median([r[f"{who}cpu_ms_per_task"] for r in results[("postgresql", n)]])
 
-    worst_n, one_cpu = pg_counts[-1], cpu(1)
-    worst_cpu = cpu(worst_n)
+
+    worst_n = pg_counts[-1]
     best = max(pg_counts, key=lambda n: median(tps("postgresql", n)))
     targets = _targets(pg_counts, lambda n: median(tps("postgresql", n)),
                        {n: s["pool_cpu_ms_per_task"] for n, s in idle.items()})
@@ -183,21 +218,18 @@ def _run(quick: bool, pg_url: str, version: str) -> dict[str, Any]:
         "channel of its own, and an enqueue picks as many idle workers as it adds tasks (from "
         "the `workers` rows, the one woken longest ago first, SKIP LOCKED) and notifies only "
         "them, in its own transaction; with every worker busy it wakes none, and the next to "
-        "finish claims before it sleeps. In the batch runs the workers are mostly busy, so "
-        f"what is left of the growth ({worst_cpu:.1f} ms per task with {worst_n} workers "
-        f"against {one_cpu:.1f} ms with one) is more processes than cores contending for them "
-        "and for the model server's row lock, which each admission holds for two round "
-        "trips (the slot check, the claim and the worker's row are one statement).",
-        "What stands in the way of flat beyond 2 workers is that lock. Measured in the "
-        "workers (from taking the lock to the end of the commit, waiting included): 3-4 ms per "
-        "task at the median with 2 workers, 22-33 ms with 8. A hand-over holds it across "
-        "client round trips (the lock's reply, the claim's reply, then the commit and its WAL "
-        "flush), and on 2 cores shared by 8 workers, their 8 server processes, the submitter "
-        "and the stand-in, every round trip also waits to be scheduled. Writing the server's "
-        "row only when the admission learned something (its bare measurements at most once "
-        "a second) took a statement out of the lock but changed nothing measurable at 8 "
-        "workers. Next: no client round trip while the lock is held (the claim and the commit "
-        "sent as one pipeline, or the admission as one server-side function).",
+        "finish claims before it sleeps. `server_cpu_ms_per_task`: the PostgreSQL server's "
+        "processes, `standin_cpu_ms_per_task`: the stand-in Ollama's, over the same batch.",
+        *_growth_notes(cpu, lambda n: median(tps("postgresql", n)), worst_n),
+        "Tried and not kept: sending the hand-over's statements after the server row's "
+        "lock together with the commit (psycopg's pipeline mode, so that no client round trip "
+        "happens under the lock): slower at every worker count in one run (1 worker 292 "
+        "against 499 tasks/s, 8 workers 270 against 328), and 0.48 against 0.36 ms of CPU "
+        "per hand-over alone, the driver's pipeline bookkeeping (eleven waits per hand-over) "
+        "costing more than the round trips it saves. Kept instead: the look before a claim is "
+        "one statement outside any transaction (one round trip, not five; 0.20 against "
+        "0.32 ms for an empty look), and a hand-over that admits nothing marks its worker "
+        "idle in the claim's own statement.",
         f"Dispatch: {dispatch_tasks} tasks submitted one at a time (each after the previous "
         "ended and a pause) to 1, then to "
         f"{herd} idle workers; created_at -> the request reaching the stand-in Ollama, as in the "
@@ -217,6 +249,37 @@ def _run(quick: bool, pg_url: str, version: str) -> dict[str, Any]:
         data={"throughput": {f"{k[0]}-{k[1]}": v for k, v in results.items()},
               "dispatch": idle_runs[1], "dispatch_herd": idle_runs[herd],
               "server_version": version})
+
+
+def _growth_notes(cpu: Callable[[int, str], float], tps: Callable[[int], float],
+                  worst_n: int) -> list[str]:
+    """What the CPU per task of each party says about scaling past 2 workers (none in a run
+    without 2 workers)."""
+    if worst_n <= 2:
+        return []
+
+    def all_cpu(n: int) -> float:
+        return cpu(n, "") + cpu(n, "server_") + cpu(n, "standin_")
+
+    standin_growth = ratio(cpu(worst_n, "standin_"), cpu(2, "standin_"))
+    worst_cpu = cpu(worst_n, "")
+    return [
+        "What stands in the way of flat beyond 2 workers is the machine's CPU, and that all "
+        "of it grows per task. Workers, PostgreSQL and stand-in together spent "
+        f"{all_cpu(2):.2f} ms per task with 2 workers and {all_cpu(worst_n):.2f} ms with "
+        f"{worst_n}, {all_cpu(worst_n) * tps(worst_n) / 1000:.2f} of the 2 cores on average "
+        "over the batch (the submitter and the kernel's own work not counted) (workers "
+        f"{cpu(2, ''):.2f} -> "
+        f"{worst_cpu:.2f}, PostgreSQL {cpu(2, 'server_'):.2f} -> "
+        f"{cpu(worst_n, 'server_'):.2f}); the stand-in, which does the same work for every "
+        f"task whoever asks, went from {cpu(2, 'standin_'):.2f} to "
+        f"{cpu(worst_n, 'standin_'):.2f} ms ({fmt(standin_growth, 2)}x): "
+        "that much is the cost of more runnable processes than cores (caches, switches), not "
+        "of any one statement. The rest of the workers' growth is that with idle workers "
+        "about, a new task goes to a woken worker (a wake-up, a look, a claim transaction) "
+        "instead of being claimed by a finishing one's hand-over; with a real model's seconds "
+        "per task that is what keeps every slot busy.",
+    ]
 
 
 def _targets(counts: tuple[int, ...], tps: Callable[[int], float],

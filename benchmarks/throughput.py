@@ -21,6 +21,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,11 @@ def ended_count(store: Store) -> int:
 
 
 def ours_once(children: Children, store: Store, settings: Settings, workers: int, batch: int,
-              label: str, timeout_s: float = 300.0) -> dict[str, float]:
-    """Start ``workers`` workers on ``store``, warm them up, time one batch, stop them."""
+              label: str, timeout_s: float = 300.0,
+              peers: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
+    """Start ``workers`` workers on ``store``, warm them up, time one batch, stop them.
+    ``peers``: CPU seconds so far of other parties (name -> seconds), reported for the batch
+    as ``<name>_cpu_ms_per_task``."""
     ids = [f"{label}-w{i}" for i in range(workers)]
     procs = start_workers(children, store, settings, ids)
     try:
@@ -85,6 +89,7 @@ def ours_once(children: Children, store: Store, settings: Settings, workers: int
         submit(store, settings, warm, f"{label}-warm")
         wait_until(lambda: ended_count(store) >= before + warm, timeout=60, message="warm-up tasks",
                    interval=0.01)
+        peers_before = peers() if peers is not None else {}
         cpu_before = sum(cpu_seconds(p.pid) for p in procs)
         started = time.perf_counter()
         submit(store, settings, batch, label)
@@ -93,10 +98,13 @@ def ours_once(children: Children, store: Store, settings: Settings, workers: int
                    message=f"{batch} tasks on {workers} worker(s)", interval=0.01)
         elapsed = time.perf_counter() - started
         cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
+        peers_after = peers() if peers is not None else {}
     finally:
         children.stop(procs)
     return {"tasks_per_s": batch / elapsed, "elapsed_s": elapsed,
-            "submit_s": submitted - started, "cpu_ms_per_task": 1000 * cpu / batch}
+            "submit_s": submitted - started, "cpu_ms_per_task": 1000 * cpu / batch,
+            **{f"{name}_cpu_ms_per_task": 1000 * (peers_after[name] - seconds) / batch
+               for name, seconds in peers_before.items() if name in peers_after}}
 
 
 # -- huey ---------------------------------------------------------------------------------

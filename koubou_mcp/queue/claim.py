@@ -13,13 +13,13 @@ from koubou_mcp.queue.prepared import prepared
 from koubou_mcp.queue.records import task_snapshot
 from koubou_mcp.queue.servers import lock_server
 from koubou_mcp.queue.statements import (
-    ANY_READY,
     IN_FLIGHT,
-    SERVER_ROW,
+    LOOK_BEFORE_CLAIM,
     WORKER_BUSY,
     WORKER_BUSY_COUNTED,
     admit_statement_pg,
     claim_statement,
+    handover_admit_pg,
 )
 from koubou_mcp.store import Store
 
@@ -56,35 +56,31 @@ def admit_next(store: Store, worker_id: str, now: datetime, lease_s: float,
     only while fewer tasks hold a slot than the server's limit (``model_servers``): a request
     is never sent to wait inside the model server. Without ``model_url`` there is no limit.
     """
-    # A plain read first: when nothing is ready (most wake-ups of most workers), or every slot
-    # of the model server is taken (a worker woken beside ones that hold them all), no write
+    # A look first: when nothing is ready (most wake-ups of most workers), or every slot of
+    # the model server is taken (a worker woken beside ones that hold them all), no write
     # lock (nor, on PostgreSQL, the server row's lock the claims queue for) is taken at all.
-    # The claim below re-checks, so a race only costs an empty claim.
+    # One statement, outside any transaction on PostgreSQL (one round trip, not five). The
+    # claim below re-checks, so a race only costs an empty claim.
     with store.read() as conn:
-        if not prepared(ANY_READY, conn).execute(conn, {"p_now": now}):
-            return None
-        if model_url is not None and not _slot_free(conn, model_url, now):
-            return None
+        look = prepared(LOOK_BEFORE_CLAIM, conn).first_on_its_own(
+            conn, {"p_now": now, "p_url": model_url})
+    if look is None or not look["ready"]:
+        return None
+    limit = look["slot_limit"]  # None: a new server, whose row the claim makes
+    if model_url is not None and limit is not None and int(look["in_flight"]) >= int(limit):
+        return None
     with store.write() as conn:
         return admit_in(conn, store.is_postgres, worker_id, now, lease_s, model_url)
 
 
-def _slot_free(conn: Connection, model_url: str, now: datetime) -> bool:
-    """Whether ``model_url`` seems to have a free slot (read without locking anything)."""
-    row = prepared(SERVER_ROW, conn).first(conn, {"p_url": model_url})
-    if row is None:
-        return True  # a new server: the claim makes its row
-    in_flight = int(prepared(IN_FLIGHT, conn).scalar(conn, {"p_url": model_url, "p_now": now}))
-    return in_flight < int(row["slot_limit"])
-
-
 def admit_in(conn: Connection, postgres: bool, worker_id: str, now: datetime, lease_s: float,
              model_url: str | None, *, capacity: Capacity | None = None,
-             completed: int = 0) -> Admitted | None:
+             completed: int = 0, idle_if_none: bool = False) -> Admitted | None:
     """``admit_next``'s claim inside the caller's write transaction; ``capacity``: the
     server's row as this transaction already locked (and maybe changed) it; ``completed``:
     tasks to count on the worker's row with the claim (the hand-over's, one statement for
-    both)."""
+    both). ``idle_if_none``: when no task is admitted, the worker's row may be marked idle
+    (counting ``completed``) by the same statement; ``idles_if_none`` says when it is."""
     params = {"p_worker": worker_id, "p_now": now, "p_url": model_url,
               "p_lease": now + timedelta(seconds=lease_s)}
     in_flight = 0
@@ -94,12 +90,14 @@ def admit_in(conn: Connection, postgres: bool, worker_id: str, now: datetime, le
         if capacity is None:
             capacity = lock_server(conn, model_url, now, postgres)
         if postgres:  # one round trip under the server's lock instead of three
-            row = prepared(admit_statement_pg(), conn).first(
-                conn, {**params, "p_limit": capacity.limit, "p_completed": completed})
+            statement = handover_admit_pg() if idle_if_none else admit_statement_pg()
+            row = prepared(statement, conn).first(
+                conn, {**params, "p_completed": completed, "p_failed": 0})
             if row is None:
                 return None
             in_flight = int(row.pop("in_flight"))
             del row["workers_marked"]
+            row.pop("workers_idled", None)
             return Admitted(task_snapshot(row), in_flight + 1, capacity)
         in_flight = int(prepared(IN_FLIGHT, conn).scalar(conn, {"p_url": model_url,
                                                                   "p_now": now}))
@@ -114,3 +112,9 @@ def admit_in(conn: Connection, postgres: bool, worker_id: str, now: datetime, le
     else:
         prepared(WORKER_BUSY, conn).execute(conn, busy)
     return Admitted(task_snapshot(row), in_flight + 1 if model_url is not None else None, capacity)
+
+
+def idles_if_none(postgres: bool, model_url: str | None) -> bool:
+    """Whether ``admit_in(..., idle_if_none=True)`` marks the worker idle itself when it admits
+    nothing: on PostgreSQL, with admission (the claim's one statement does it there)."""
+    return postgres and model_url is not None

@@ -28,6 +28,9 @@ from sqlalchemy.sql.base import Executable
 
 Processor = Callable[[Any], Any] | None
 
+#: libpq's "no transaction open" (``psycopg.pq.TransactionStatus.IDLE``)
+_PG_IDLE = 0
+
 _EXPANDING = re.compile(r"__\[POSTCOMPILE_(\w+)\]")
 
 
@@ -147,6 +150,23 @@ class Prepared:
     def first(self, conn: OnDriver, params: Mapping[str, Any]) -> dict[str, Any] | None:
         rows = self.mappings(conn, params)
         return rows[0] if rows else None
+
+    def first_on_its_own(self, conn: OnDriver,
+                         params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """``first`` for a read that needs no transaction around it, as the first statement of
+        ``conn``'s: on PostgreSQL it runs in autocommit, so the driver sends no ``BEGIN`` and
+        the caller's commit no ``COMMIT``, two round trips of three (an idle worker's look
+        before each claim: docs/benchmarks.md). Elsewhere, and inside a transaction that has
+        begun, it is ``first``."""
+        driver = conn.connection.dbapi_connection
+        if (self.dialect.name != "postgresql" or driver is None or driver.autocommit
+                or driver.pgconn.transaction_status != _PG_IDLE):
+            return self.first(conn, params)
+        driver.autocommit = True  # a client-side switch: nothing is sent
+        try:
+            return self.first(conn, params)
+        finally:
+            driver.autocommit = False
 
     def scalar(self, conn: OnDriver, params: Mapping[str, Any]) -> Any:
         rows = self.mappings(conn, params)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    exists,
     func,
     or_,
     select,
@@ -101,6 +102,15 @@ IN_FLIGHT = select(func.count()).select_from(T).where(
     T.c.model_url == URL,
     T.c.lease_expires_at >= NOW,
 )
+#: what a worker looks at before it claims (no lock taken): whether a task is ready, and
+#: the slots of ``p_url`` in use and its limit (NULL: no row for that server yet)
+LOOK_BEFORE_CLAIM = select(
+    exists(ANY_READY).label("ready"),
+    IN_FLIGHT.scalar_subquery().label("in_flight"),
+    select(M.c.slot_limit).where(M.c.url == URL).scalar_subquery().label("slot_limit"),
+)
+
+
 def _worker_busy() -> Any:
     return update(W).where(W.c.worker_id == WORKER).values(
         status=WorkerStatus.BUSY.value, current_task=TASK, last_heartbeat=NOW, idle_since=None)
@@ -123,31 +133,60 @@ def admit_statement_pg() -> Any:
     While a worker admits a task it holds its model server's row lock (``lock_server``), and
     every other worker's admission to that server waits for it; as separate statements the
     slot count, the claim and the worker's row were three round trips under the lock. Here
-    the claim's ``UPDATE`` takes the best ready task only while fewer than ``p_limit`` tasks
-    hold a slot (``IN_FLIGHT``, read in the statement's snapshot, which is taken after the
-    lock: it sees every admission committed before), returns the count as ``in_flight``,
-    and a second ``UPDATE`` in the same statement marks ``p_worker`` busy with that task,
-    counting ``p_completed`` (``WORKER_BUSY_COUNTED``). No row: no task was admitted, and
-    the worker's row is unchanged.
+    the claim's ``UPDATE`` takes the best ready task only while fewer tasks hold a slot
+    (``IN_FLIGHT``) than the server's ``slot_limit``, both read in the statement's snapshot,
+    which is taken after the lock: it sees every admission committed before, and the limit
+    as this transaction left it. It returns the count as ``in_flight``, and a second
+    ``UPDATE`` in the same statement marks ``p_worker`` busy with that task, counting
+    ``p_completed`` (``WORKER_BUSY_COUNTED``). No row: no task was admitted, and the worker's
+    row is unchanged.
     """
+    claimed = _admission()
+    return select(claimed, _count(_busy_with(claimed)).label("workers_marked"))
+
+
+@functools.cache
+def handover_admit_pg() -> Any:
+    """``admit_statement_pg`` for a hand-over: when no task is admitted, the same statement
+    marks ``p_worker`` idle instead, counting ``p_completed`` and ``p_failed``
+    (``WORKER_DONE``), so the whole admission is one statement whatever it finds
+    (one round trip fewer under the server's row lock, which the claim holds). PostgreSQL runs
+    every data-changing ``WITH`` part to the end whether or not the rows it returns are read;
+    of the two ``UPDATE``s of the worker's row exactly one matches."""
+    claimed = _admission()
+    idle = (_worker_done().where(~exists(select(claimed.c.task_id)))
+            .returning(W.c.worker_id).cte("idle"))
+    return select(claimed, _count(_busy_with(claimed)).label("workers_marked"),
+                  _count(idle).label("workers_idled"))
+
+
+def _admission() -> Any:
     in_flight = IN_FLIGHT.scalar_subquery()
-    claimed = (_claim(True)
-               .where(in_flight < bindparam("p_limit", type_=Integer()))
-               .returning(in_flight.label("in_flight"))
-               .cte("claimed"))
-    busy = (_worker_busy_counted().values(current_task=claimed.c.task_id)
+    limit = select(M.c.slot_limit).where(M.c.url == URL).scalar_subquery()
+    return (_claim(True)
+            .where(in_flight < limit)
+            .returning(in_flight.label("in_flight"))
+            .cte("claimed"))
+
+
+def _busy_with(claimed: Any) -> Any:
+    return (_worker_busy_counted().values(current_task=claimed.c.task_id)
             .returning(W.c.worker_id).cte("busy"))
-    return select(claimed, select(func.count()).select_from(busy).scalar_subquery()
-                  .label("workers_marked"))
+
+
+def _count(cte: Any) -> Any:
+    return select(func.count()).select_from(cte).scalar_subquery()
+
+
 #: a model server's row (locked for the transaction on PostgreSQL: ``SERVER_ROW_LOCKED``)
 SERVER_ROW = select(M).where(M.c.url == URL)
 SERVER_ROW_LOCKED = SERVER_ROW.with_for_update()
 #: what is known of a model server, replaced whole (``records.capacity_values`` names the
 #: values; built once like the other hot-path statements)
+SERVER_COLUMNS = ("slot_limit", "pinned", "good", "ceiling", "ceiling_at", "baseline_ttft_s",
+                  "baseline_tps", "last_ttft_s", "last_tps", "busy_events", "updated_at")
 SERVER_UPDATE = update(M).where(M.c.url == URL).values(
-    {name: bindparam(f"v_{name}", type_=M.c[name].type)
-     for name in ("slot_limit", "pinned", "good", "ceiling", "ceiling_at", "baseline_ttft_s",
-                  "baseline_tps", "last_ttft_s", "last_tps", "busy_events", "updated_at")})
+    {name: bindparam(f"v_{name}", type_=M.c[name].type) for name in SERVER_COLUMNS})
 #: a new model server's row at one slot; another worker may insert it first
 SERVER_INSERT_PG = text(
     "INSERT INTO model_servers (url, slot_limit, pinned, good, busy_events, "
@@ -181,8 +220,14 @@ COMPLETE = (
 )
 COMPLETE_COUNTED = COMPLETE.values(tokens=bindparam("p_tokens", type_=Integer()),
                                    first_token_s=bindparam("p_ttft", type_=Float()))
-WORKER_DONE = update(W).where(W.c.worker_id == WORKER).values(
-    status=WorkerStatus.IDLE.value, current_task=None, idle_since=NOW, last_heartbeat=NOW,
-    tasks_completed=W.c.tasks_completed + bindparam("p_completed", type_=Integer()),
-    tasks_failed=W.c.tasks_failed + bindparam("p_failed", type_=Integer()),
-)
+
+
+def _worker_done() -> Any:
+    return update(W).where(W.c.worker_id == WORKER).values(
+        status=WorkerStatus.IDLE.value, current_task=None, idle_since=NOW, last_heartbeat=NOW,
+        tasks_completed=W.c.tasks_completed + bindparam("p_completed", type_=Integer()),
+        tasks_failed=W.c.tasks_failed + bindparam("p_failed", type_=Integer()),
+    )
+
+
+WORKER_DONE = _worker_done()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import timedelta
 
+import psycopg
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
@@ -18,6 +19,7 @@ from koubou_mcp.queue.statements import (
     ANY_READY,
     IN_FLIGHT,
     INSERT_TASK,
+    LOOK_BEFORE_CLAIM,
     WORKER_BEAT,
     T,
     claim_statement,
@@ -218,5 +220,40 @@ def test_a_driver_transaction_whose_connection_was_killed_is_invalidated(
         for _ in range(6):  # every connection the pool hands out now works
             queue.enqueue(store, queue.validate_request(settings, "after"), settings, utcnow())
         assert len(queue.list_tasks(store)) == 6
+    finally:
+        store.close()
+
+
+def test_a_look_on_its_own_opens_no_transaction_on_postgresql_and_joins_a_begun_one(
+    pg_url: str, settings: Settings,
+) -> None:
+    store = open_store(pg_url, settings.run_dir)
+    now = utcnow()
+    idle = psycopg.pq.TransactionStatus.IDLE
+    try:
+        with store.read() as conn:
+            look = prepared(LOOK_BEFORE_CLAIM, conn)
+            assert look.first_on_its_own(conn, {"p_now": now, "p_url": "http://m"}) == {
+                "ready": False, "in_flight": 0, "slot_limit": None}
+            driver = conn.connection.dbapi_connection
+            # ran in autocommit: no transaction is left open for a COMMIT to end, and the
+            # connection is back to transactions for the next statement
+            assert driver.pgconn.transaction_status == idle and driver.autocommit is False
+            prepared(ANY_READY, conn).execute(conn, {"p_now": now})
+            assert driver.pgconn.transaction_status != idle
+        queue.configure_model_server(store, "http://m", 3, now)
+        with store.write() as conn:
+            prepared(INSERT_TASK, conn, column_keys=("task_id", "type", "prompt", "status",
+                                                      "priority", "attempts", "max_attempts",
+                                                      "timeout_s", "cancel_requested",
+                                                      "created_at", "updated_at")).execute(
+                conn, {"task_id": "t-look", "type": "general", "prompt": "p",
+                       "status": TaskStatus.PENDING.value, "priority": 0, "attempts": 0,
+                       "max_attempts": 3, "timeout_s": 60.0, "cancel_requested": False,
+                       "created_at": now, "updated_at": now})
+            # inside a begun transaction it is an ordinary statement of it: it sees the
+            # task this transaction inserted and has not committed
+            assert look.first_on_its_own(conn, {"p_now": now, "p_url": "http://m"}) == {
+                "ready": True, "in_flight": 0, "slot_limit": 3}
     finally:
         store.close()

@@ -299,6 +299,28 @@ def test_a_hand_over_without_a_claim_leaves_the_worker_idle(
     assert handed.accepted and handed.next is None  # nothing left to claim
     [worker] = queue.list_workers(store)
     assert worker.status == "idle" and worker.current_task is None
+    assert worker.tasks_completed == 1  # counted once (the claim's statement idles it here)
+
+
+def test_a_hand_over_whose_claim_finds_no_slot_leaves_the_worker_idle_and_the_task_waiting(
+        store: Store, store_settings: Settings) -> None:
+    ids = submit(store, store_settings, 3)
+    workers(store, "w1", "w2")
+    first = queue.admit_next(store, "w1", at(1), 30, URL)
+    assert first is not None
+    queue.configure_model_server(store, URL, 2, at(1))
+    second = queue.admit_next(store, "w2", at(1), 30, URL)
+    assert second is not None
+    queue.configure_model_server(store, URL, 1, at(1.5))  # the limit fell: w2 holds the slot
+    handed = queue.complete_and_admit(store, first.task.task_id, "w1", "r", at(2), None,
+                                      model_url=URL, claim=queue.NextClaim(30, URL))
+    assert handed.accepted and handed.next is None
+    workers_now = {w.worker_id: w for w in queue.list_workers(store)}
+    assert workers_now["w1"].status == "idle" and workers_now["w1"].current_task is None
+    assert workers_now["w1"].tasks_completed == 1
+    assert workers_now["w2"].current_task == second.task.task_id
+    [waiting] = [i for i in ids if i not in (first.task.task_id, second.task.task_id)]
+    assert queue.get_task(store, waiting).status == TaskStatus.PENDING
 
 
 def test_a_hand_over_of_a_task_that_ended_elsewhere_drops_the_result_but_still_claims(
