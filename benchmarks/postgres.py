@@ -273,9 +273,9 @@ def _growth_notes(cpu: Callable[[int, str], float], tps: Callable[[int], float],
         f"{worst_cpu:.2f}, PostgreSQL {cpu(2, 'server_'):.2f} -> "
         f"{cpu(worst_n, 'server_'):.2f}); the stand-in, which does the same work for every "
         f"task whoever asks, went from {cpu(2, 'standin_'):.2f} to "
-        f"{cpu(worst_n, 'standin_'):.2f} ms ({fmt(standin_growth, 2)}x): "
-        "that much is the cost of more runnable processes than cores (caches, switches), not "
-        "of any one statement. The rest of the workers' growth is that with idle workers "
+        f"{cpu(worst_n, 'standin_'):.2f} ms ({fmt(standin_growth, 2)}x: what more runnable "
+        "processes than cores cost in themselves, within the 10 ms ticks the kernel counts "
+        "CPU in). The workers' and the server's growth is mostly that with idle workers "
         "about, a new task goes to a woken worker (a wake-up, a look, a claim transaction) "
         "instead of being claimed by a finishing one's hand-over; with a real model's seconds "
         "per task that is what keeps every slot busy.",
