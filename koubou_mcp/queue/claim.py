@@ -17,6 +17,7 @@ from koubou_mcp.queue.statements import (
     LOOK_BEFORE_CLAIM,
     WORKER_BUSY,
     WORKER_BUSY_COUNTED,
+    WORKER_DONE,
     admit_statement_pg,
     claim_statement,
     handover_admit_pg,
@@ -79,8 +80,19 @@ def admit_in(conn: Connection, postgres: bool, worker_id: str, now: datetime, le
     """``admit_next``'s claim inside the caller's write transaction; ``capacity``: the
     server's row as this transaction already locked (and maybe changed) it; ``completed``:
     tasks to count on the worker's row with the claim (the hand-over's, one statement for
-    both). ``idle_if_none``: when no task is admitted, the worker's row may be marked idle
-    (counting ``completed``) by the same statement; ``idles_if_none`` says when it is."""
+    both). ``idle_if_none``: when no task is admitted, the worker's row is marked idle,
+    counting ``completed`` (on PostgreSQL by the claim's own statement)."""
+    admitted = _admit(conn, postgres, worker_id, now, lease_s, model_url, capacity,
+                      completed, idle_if_none)
+    if admitted is None and idle_if_none and not (postgres and model_url is not None):
+        prepared(WORKER_DONE, conn).execute(conn, {"p_worker": worker_id, "p_now": now,
+                                                   "p_completed": completed, "p_failed": 0})
+    return admitted
+
+
+def _admit(conn: Connection, postgres: bool, worker_id: str, now: datetime, lease_s: float,
+           model_url: str | None, capacity: Capacity | None, completed: int,
+           idle_if_none: bool) -> Admitted | None:
     params = {"p_worker": worker_id, "p_now": now, "p_url": model_url,
               "p_lease": now + timedelta(seconds=lease_s)}
     in_flight = 0
@@ -113,8 +125,3 @@ def admit_in(conn: Connection, postgres: bool, worker_id: str, now: datetime, le
         prepared(WORKER_BUSY, conn).execute(conn, busy)
     return Admitted(task_snapshot(row), in_flight + 1 if model_url is not None else None, capacity)
 
-
-def idles_if_none(postgres: bool, model_url: str | None) -> bool:
-    """Whether ``admit_in(..., idle_if_none=True)`` marks the worker idle itself when it admits
-    nothing: on PostgreSQL, with admission (the claim's one statement does it there)."""
-    return postgres and model_url is not None

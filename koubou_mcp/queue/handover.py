@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from koubou_mcp.admission import Observation, next_capacity
-from koubou_mcp.queue.claim import Admitted, admit_in, idles_if_none
+from koubou_mcp.queue.claim import Admitted, admit_in
 from koubou_mcp.queue.lifecycle import Generated, complete_in, mark_worker_done
 from koubou_mcp.queue.servers import lock_server_row, worth_writing, write_server
 from koubou_mcp.store import Store
@@ -63,8 +63,7 @@ def complete_and_admit(store: Store, task_id: str, worker_id: str, result: str, 
                                 claim.model_url,
                                 capacity=known if claim.model_url == model_url else None,
                                 completed=int(accepted), idle_if_none=True)
-        if admitted is None and not (
-                claim is not None and idles_if_none(store.is_postgres, claim.model_url)):
+        else:
             mark_worker_done(conn, worker_id, now, completed=accepted)
     if raised:
         store.notify_new_work()  # a worker waiting for a slot can take the new one

@@ -183,10 +183,10 @@ SERVER_ROW = select(M).where(M.c.url == URL)
 SERVER_ROW_LOCKED = SERVER_ROW.with_for_update()
 #: what is known of a model server, replaced whole (``records.capacity_values`` names the
 #: values; built once like the other hot-path statements)
-SERVER_COLUMNS = ("slot_limit", "pinned", "good", "ceiling", "ceiling_at", "baseline_ttft_s",
-                  "baseline_tps", "last_ttft_s", "last_tps", "busy_events", "updated_at")
 SERVER_UPDATE = update(M).where(M.c.url == URL).values(
-    {name: bindparam(f"v_{name}", type_=M.c[name].type) for name in SERVER_COLUMNS})
+    {name: bindparam(f"v_{name}", type_=M.c[name].type)
+     for name in ("slot_limit", "pinned", "good", "ceiling", "ceiling_at", "baseline_ttft_s",
+                  "baseline_tps", "last_ttft_s", "last_tps", "busy_events", "updated_at")})
 #: a new model server's row at one slot; another worker may insert it first
 SERVER_INSERT_PG = text(
     "INSERT INTO model_servers (url, slot_limit, pinned, good, busy_events, "
