@@ -5,7 +5,7 @@ The worker's own thread runs one task at a time and blocks in the backend call (
 (saving what the model generated so far, and what was measured of the model server), and it
 stops the task (``Run.stop``: the backend call is aborted at once) when a heartbeat finds a
 cancel request or the lease lost, when the task's time limit passes, or when a drain's grace
-is over. Idle, it heartbeats the worker row on the same interval.
+is over. Idle, it heartbeats the worker row every ``idle_beat_s`` (a third of a lease).
 """
 
 from __future__ import annotations
@@ -91,6 +91,10 @@ class WatchdogHooks:
     drain_grace_s: float
     heartbeat_s: float
     clock: Callable[[], datetime]
+    #: between heartbeats while no task runs (None: ``heartbeat_s``). An idle row only says
+    #: the worker lives, which everyone judges over a whole lease; a beat a second from each
+    #: idle worker was most of an idle pool's CPU (docs/benchmarks.md)
+    idle_beat_s: float | None = None
 
 
 class Watchdog:
@@ -122,8 +126,8 @@ class Watchdog:
         and a poke per task was a sixth of a worker's CPU at zero model latency (two thread
         switches). The loop says when it sleeps only after it has read the current run: if
         it read the one before, it is still awake, and this pokes."""
-        if run.deadline < self._sleeping_until:
-            self.poke()
+        if min(run.deadline, time.monotonic() + self.hooks.heartbeat_s) < self._sleeping_until:
+            self.poke()  # a deadline soon, or an idle loop's long sleep (its lease needs beats)
 
     def stop(self) -> None:
         self._stopped = True
@@ -133,16 +137,24 @@ class Watchdog:
             self._wake.close()
 
     def _loop(self) -> None:
-        next_beat = time.monotonic() + self.hooks.heartbeat_s
+        busy_s = self.hooks.heartbeat_s
+        idle_s = max(busy_s, self.hooks.idle_beat_s or busy_s)
+        next_beat = time.monotonic() + busy_s
+        watched: Run | None = None
         while not self._stopped:
             self._sleeping_until = float("inf")
             run = self.hooks.current()
             now = time.monotonic()
+            if run is not None and run is not watched:
+                # a new task: its lease and its cancel requests are heard every heartbeat_s
+                # from now on, whatever the idle rhythm was
+                next_beat = min(next_beat, now + busy_s)
+            watched = run
             if run is not None and run.interrupt is None:
                 self._check_limits(run, now)
             if now >= next_beat:
                 self._beat(run)
-                next_beat = time.monotonic() + self.hooks.heartbeat_s
+                next_beat = time.monotonic() + (busy_s if run is not None else idle_s)
             wait = next_beat - time.monotonic()
             if run is not None and run.interrupt is None:
                 wait = min(wait, run.deadline - time.monotonic())

@@ -131,11 +131,16 @@ class Worker:
         self._store_down_since: float | None = None
         self._store_faults = 0
         self._last_recovery = 0.0
+        #: the last wait ended in a wake-up: new work is likely there (PostgreSQL claims at
+        #: once, without a look first)
+        self._woken = False
+        #: the last hand-over found no next task and looked after its commit: none ready
+        self._nothing_ready = False
         self.watchdog = Watchdog(WatchdogHooks(
             current=lambda: self.current, beat=self._beat,
             drain_started=lambda: self.stop_state.drain_started,
             drain_grace_s=settings.drain_grace_s, heartbeat_s=settings.heartbeat_s,
-            clock=clock,
+            clock=clock, idle_beat_s=settings.lease_s / 3,
         ))
 
     # -- stopping ------------------------------------------------------------------------
@@ -239,11 +244,15 @@ class Worker:
                 log.warning("%s: waited over %gs for a model slot; failed", task_id,
                             self.settings.max_wait_s)
             self._last_recovery = time.monotonic()
-        admitted = queue.admit_next(self.hot, self.worker_id, self.clock(),
-                                    self.settings.lease_s, self.model_url)
-        self._store_back()
+        admitted = None
+        if not self._nothing_ready:  # else the hand-over's look stands for this one
+            admitted = queue.admit_next(self.hot, self.worker_id, self.clock(),
+                                        self.settings.lease_s, self.model_url,
+                                        woken=self._woken)
+            self._store_back()
+        self._nothing_ready = self._woken = False
         if admitted is None:
-            self._listener.wait(self.settings.poll_s)
+            self._woken = self._listener.wait(self.settings.poll_s)
         return admitted
 
     # -- one task ------------------------------------------------------------------------
@@ -396,6 +405,7 @@ class Worker:
             model_url=self.model_url if run.concurrency is not None else None, claim=claim)
         log.info("%s: completed in %.2fs%s", run.task.task_id, elapsed,
                  "" if handed.accepted else " (already ended elsewhere; result dropped)")
+        self._nothing_ready = handed.nothing_ready
         return handed.next
 
     def _failed(self, run: Run, error: BaseException, now: datetime) -> None:

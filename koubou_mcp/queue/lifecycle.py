@@ -57,17 +57,22 @@ def heartbeat(store: Store, worker_id: str, task_id: str | None, now: datetime,
     (and save what the model has generated so far, when given: one write a heartbeat, never
     one a token)."""
     with store.write() as conn:
+        row = None
+        if task_id is not None:
+            # the task's row before the worker's, in the order the hand-over takes them
+            # (it completes the task, then marks the worker): the other order deadlocked on
+            # PostgreSQL with a hand-over that began just as the beat did
+            params: dict[str, Any] = {"p_task": task_id, "p_worker": worker_id, "p_now": now,
+                                      "p_lease": now + timedelta(seconds=lease_s)}
+            statement = TASK_BEAT
+            if generated is not None:
+                statement = TASK_BEAT_PROGRESS
+                params.update(p_partial=generated.text, p_tokens=generated.tokens,
+                              p_ttft=generated.first_token_s)
+            row = prepared(statement, conn).first(conn, params)
         prepared(WORKER_BEAT, conn).execute(conn, {"p_worker": worker_id, "p_now": now})
-        if task_id is None:
-            return Beat.OK
-        params: dict[str, Any] = {"p_task": task_id, "p_worker": worker_id, "p_now": now,
-                                  "p_lease": now + timedelta(seconds=lease_s)}
-        statement = TASK_BEAT
-        if generated is not None:
-            statement = TASK_BEAT_PROGRESS
-            params.update(p_partial=generated.text, p_tokens=generated.tokens,
-                          p_ttft=generated.first_token_s)
-        row = prepared(statement, conn).first(conn, params)
+    if task_id is None:
+        return Beat.OK
     if row is None:
         return Beat.LOST
     return Beat.CANCEL if row["cancel_requested"] else Beat.OK
@@ -88,16 +93,30 @@ def complete_in(conn: Connection, task_id: str, worker_id: str, result: str, now
                 generated: Generated | None = None, *, worker_row: bool = True) -> bool:
     """``complete`` inside the caller's write transaction. ``worker_row=False``: the caller
     updates the worker's row itself (``mark_worker_done``, or with the next claim)."""
-    params: dict[str, Any] = {"p_task": task_id, "p_worker": worker_id,
-                              "p_result": result, "p_now": now}
-    statement = COMPLETE
-    if generated is not None:
-        statement = COMPLETE_COUNTED
-        params.update(p_tokens=generated.tokens, p_ttft=generated.first_token_s)
+    statement, params = complete_call(task_id, worker_id, result, now, generated)
     done = bool(prepared(statement, conn).execute(conn, params))
     if worker_row:
         _worker_done(conn, worker_id, now, completed=done, failed=False)
     return done
+
+
+def complete_call(task_id: str, worker_id: str, result: str, now: datetime,
+                  generated: Generated | None) -> tuple[Any, dict[str, Any]]:
+    """``complete``'s statement and its values; it returns a row when the result was
+    stored (the task had not ended elsewhere)."""
+    params: dict[str, Any] = {"p_task": task_id, "p_worker": worker_id,
+                              "p_result": result, "p_now": now}
+    if generated is None:
+        return COMPLETE, params
+    return COMPLETE_COUNTED, {**params, "p_tokens": generated.tokens,
+                              "p_ttft": generated.first_token_s}
+
+
+def worker_done_params(worker_id: str, now: datetime, *, completed: bool,
+                       failed: bool) -> dict[str, Any]:
+    """The values of ``WORKER_DONE``: the worker idle, the task counted as it ended."""
+    return {"p_worker": worker_id, "p_now": now, "p_completed": int(completed),
+            "p_failed": int(failed)}
 
 
 def mark_worker_done(conn: Connection, worker_id: str, now: datetime, *, completed: bool) -> None:
@@ -304,7 +323,6 @@ def _recover(store: Store, where: ColumnElement[bool], now: datetime,
 
 def _worker_done(conn: Connection, worker_id: str, now: datetime, *, completed: bool,
                  failed: bool) -> None:
-    prepared(WORKER_DONE, conn).execute(conn, {"p_worker": worker_id, "p_now": now,
-                                               "p_completed": int(completed),
-                                               "p_failed": int(failed)})
+    prepared(WORKER_DONE, conn).execute(
+        conn, worker_done_params(worker_id, now, completed=completed, failed=failed))
 

@@ -132,16 +132,23 @@ class Prepared:
                                       dialect=self.dialect) from exc
         finally:
             cursor.close()
+        return rows, self.result_processors(description)
+
+    def result_processors(self, description: Sequence[Any] | None) -> list[Processor]:
+        """The conversions of the columns the driver described (none for a plain write)."""
         if self._results is None and description is not None and self.types:
             # some conversions depend on the type the driver reports (PostgreSQL numerics);
             # a text statement declares no columns: its rows come as the driver gives them
             self._results = [kind.dialect_impl(self.dialect).result_processor(self.dialect, d[1])
                              for kind, d in zip(self.types, description, strict=True)]
-        return rows, self._results or []
+        return self._results or []
 
     def mappings(self, conn: OnDriver, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The rows as column name -> value, converted as SQLAlchemy converts them."""
-        rows, results = self._run(conn, params)
+        return self.convert(*self._run(conn, params))
+
+    def convert(self, rows: Sequence[Any], results: Sequence[Processor]) -> list[dict[str, Any]]:
+        """Driver rows as column name -> value (``results``: ``result_processors``')."""
         names = self.columns
         return [{name: (value if process is None else process(value))
                  for name, process, value in zip(names, results, row, strict=True)}

@@ -70,8 +70,13 @@ def worth_writing(before: Capacity, after: Capacity, written_at: datetime | None
 
 def write_server(conn: Connection, cap: Capacity, now: datetime) -> None:
     """Store what is known of a server (its row is locked by ``lock_server``)."""
-    values = {f"v_{name}": value for name, value in capacity_values(cap, now).items()}
-    prepared(SERVER_UPDATE, conn).execute(conn, {"p_url": cap.url, **values})
+    prepared(SERVER_UPDATE, conn).execute(conn, server_update_params(cap, now))
+
+
+def server_update_params(cap: Capacity, now: datetime) -> dict[str, Any]:
+    """The values of ``SERVER_UPDATE``: what is known of the server, replaced whole."""
+    return {"p_url": cap.url,
+            **{f"v_{name}": value for name, value in capacity_values(cap, now).items()}}
 
 
 def configure_model_server(store: Store, url: str, pinned_limit: int | None,
