@@ -109,10 +109,11 @@ def run(quick: bool) -> dict[str, Any]:
         f"of {window_s / windows:g} s, median (min-max) over processes and sub-windows; the "
         f"clock tick is 10 ms, so the resolution is {100 * 0.01 / (window_s / windows):.2g}%.",
         f"The idle pool of {workers} workers costs {pool_cpu:.2f}% of one core and "
-        f"{pool_pss:.0f} MiB PSS in all. An idle worker wakes every "
-        f"{min(settings.poll_s, settings.heartbeat_s):g} s (KOUBOU_POLL / KOUBOU_HEARTBEAT) to "
-        "write its heartbeat, and every lease/3 "
-        f"({settings.lease_s / 3:g} s) to look for expired leases.",
+        f"{pool_pss:.0f} MiB PSS in all. An idle worker looks for work it was not woken for "
+        f"after {settings.poll_s:g} s, doubling while nothing happens up to "
+        f"{min(settings.poll_max_s, settings.lease_s / 3):g} s (KOUBOU_POLL, KOUBOU_POLL_MAX, "
+        "and at least every lease/3, when it also looks for expired leases), and its "
+        f"heartbeat beats every lease/3 ({settings.lease_s / 3:g} s).",
         "Each koubou-mcp worker is a separately started interpreter (no shared pages but the "
         "executable and libraries); huey's workers are forked from its consumer and share its "
         "pages until written, which is why their PSS and USS are far below their RSS.",

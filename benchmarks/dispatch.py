@@ -238,7 +238,7 @@ def run(quick: bool) -> dict[str, Any]:
         try:
             for poll_s, count in polls:
                 peer_settings = bench_settings(tmp / f"home-poll-{poll_s:g}", fake.url, db_url,
-                                               poll_s=poll_s)
+                                               poll_s=poll_s, poll_max_s=poll_s)
                 polled = measure_setup(children, silent, peer_settings, arrivals,
                                        f"poll{poll_s:g}".replace(".", "_"), 1, count,
                                        random_phase_gaps(rng, poll_s), warmup=1)
@@ -264,11 +264,10 @@ def run(quick: bool) -> dict[str, Any]:
         "Those are about twice as slow; timestamps inside the worker showed every step (wake-up, "
         "claim, request) slower alike after such a pause, which points at the sleeping "
         "(virtual) CPU rather than at one piece of code.",
-        f"With {herd_workers} idle workers every submission wakes all of them (the FIFO wake-up writes "
-        "to every pipe) and each runs a claim, a write transaction, of which one finds the task: "
-        "`pool_cpu_ms_per_task` (CPU of all worker processes / tasks, short pauses only) shows "
-        "what that costs, and the latency rises as the claims queue for the write lock and the "
-        "2 cores.",
+        f"With {herd_workers} idle workers each submission wakes one of them (one byte in the "
+        "pipe they share, which one idle worker reads): `pool_cpu_ms_per_task` (CPU of all "
+        "worker processes / tasks, short pauses only) is close to one idle worker's, the rest "
+        "being the other workers' idle wake-ups over the run.",
         "The machine has 2 cores, shared by the submitter (this process, which also serves the "
         "stand-in Ollama) and the worker(s).",
     ]

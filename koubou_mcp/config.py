@@ -102,6 +102,8 @@ KNOBS: dict[str, Knob] = {
     ),
     "heartbeat_s": Knob("KOUBOU_HEARTBEAT", None, "seconds between worker heartbeats"),
     "poll_s": Knob("KOUBOU_POLL", None, "seconds an idle worker waits before looking again anyway"),
+    "poll_max_s": Knob("KOUBOU_POLL_MAX", None, "longest that idle wait grows to while nothing "
+                       "happens (doubling from KOUBOU_POLL), s"),
     "retry_base_s": Knob("KOUBOU_RETRY_BASE", None, "first retry backoff after a transient error, s"),
     "retry_max_s": Knob("KOUBOU_RETRY_MAX", None, "longest retry backoff, s"),
     "min_workers": Knob("KOUBOU_MIN_WORKERS", "--min", "fewest workers the pool keeps"),
@@ -193,6 +195,7 @@ class Settings:
     lease_s: float = 30.0
     heartbeat_s: float = 1.0
     poll_s: float = 1.0
+    poll_max_s: float = 10.0
     retry_base_s: float = 2.0
     retry_max_s: float = 60.0
     min_workers: int = 1
@@ -297,8 +300,8 @@ class Settings:
         need(self.codex_sandbox in SANDBOX_MODES, "codex_sandbox",
              f"must be one of {', '.join(SANDBOX_MODES)}")
         for name in ("code_timeout_s", "general_timeout_s", "max_timeout_s", "lease_s",
-                     "sqlite_busy_timeout_s",
-                     "heartbeat_s", "poll_s", "retry_base_s", "retry_max_s", "scale_up_threshold",
+                     "sqlite_busy_timeout_s", "heartbeat_s", "poll_s", "poll_max_s",
+                     "retry_base_s", "retry_max_s", "scale_up_threshold",
                      "stats_interval_s", "sync_wait_s"):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, name, "must be a positive number")

@@ -6,7 +6,7 @@ watchdog thread (``watchdog``) renews the lease every ``heartbeat_s``, notices a
 request or a lost lease, and enforces the time limit; it stops a task by aborting its backend
 call, which ends at once. Completing a task and claiming the next is one transaction
 (``queue.complete_and_admit``). Idle, the worker sleeps on its wake-up channel (no busy
-polling).
+polling); its safety-net poll grows while nothing happens (``IdleWait``).
 
 Stopping (signal handlers only set flags and abort; this loop does the work):
 * first SIGTERM/SIGINT: finish the current task (up to ``drain_grace_s``), then exit;
@@ -96,6 +96,31 @@ BUSY_RETRY_BASE_S = 0.5
 BUSY_RETRY_MAX_S = 10.0
 
 
+class IdleWait:
+    """How long an idle worker sleeps before it looks again with no wake-up: ``poll_s`` at
+    first, doubling while nothing happens up to ``poll_max_s`` (never below ``poll_s``), and
+    ``poll_s`` again after work or a wake-up.
+
+    Wake-ups bring the work; the poll is a safety net (a wake-up lost with a dropped
+    connection, a submitter whose wake-ups do not reach this host). Every time a sleeping
+    process wakes it pays for it (about 0.8 ms of CPU after a 1 s sleep on our 2-core test
+    machine, see docs/benchmarks.md), so a pool that stays quiet looks less and less often.
+    """
+
+    def __init__(self, poll_s: float, poll_max_s: float) -> None:
+        self.poll_s = poll_s
+        self.poll_max_s = max(poll_s, poll_max_s)
+        self.wait_s = poll_s
+
+    def waited(self, *, woken: bool) -> None:
+        """A wait ended: in a wake-up (start over) or in its timeout (wait longer)."""
+        self.wait_s = self.poll_s if woken else min(self.wait_s * 2, self.poll_max_s)
+
+    def reset(self) -> None:
+        """Work was found: the next quiet spell starts from ``poll_s``."""
+        self.wait_s = self.poll_s
+
+
 class Worker:
     def __init__(
         self,
@@ -136,6 +161,7 @@ class Worker:
         self._woken = False
         #: the last hand-over found no next task and looked after its commit: none ready
         self._nothing_ready = False
+        self._idle = IdleWait(settings.poll_s, settings.poll_max_s)
         self.watchdog = Watchdog(WatchdogHooks(
             current=lambda: self.current, beat=self._beat,
             drain_started=lambda: self.stop_state.drain_started,
@@ -252,8 +278,25 @@ class Worker:
             self._store_back()
         self._nothing_ready = self._woken = False
         if admitted is None:
-            self._woken = self._listener.wait(self.settings.poll_s)
+            self._woken = self._listener.wait(self._idle_wait_s())
+            self._idle.waited(woken=self._woken)
+        else:
+            self._idle.reset()
         return admitted
+
+    def _idle_wait_s(self) -> float:
+        """The idle wait, cut short where something is due that no wake-up announces: the
+        recovery of expired leases, and the end of a task's retry backoff."""
+        wait_s = self._idle.wait_s
+        recovery_in = self.settings.lease_s / 3 - (time.monotonic() - self._last_recovery)
+        wait_s = min(wait_s, max(recovery_in, 0.01))
+        if wait_s > self.settings.poll_s:
+            # only a wait longer than the plain poll asks (the poll would have caught it);
+            # a little past the end, so the claim finds the task ready
+            ready_in = queue.next_ready_in(self.hot, self.clock())
+            if ready_in is not None:
+                wait_s = min(wait_s, ready_in + 0.05)
+        return wait_s
 
     # -- one task ------------------------------------------------------------------------
     def _run_task(self, admitted: queue.Admitted) -> queue.Admitted | None:

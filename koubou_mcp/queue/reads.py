@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from koubou_mcp.models import TaskSnapshot, TaskStatus, WorkerSnapshot, elapsed_s
 from koubou_mcp.queue.errors import TaskNotFound
 from koubou_mcp.queue.records import task_snapshot, worker_record
-from koubou_mcp.queue.statements import FINAL, READY_COUNT, T
+from koubou_mcp.queue.statements import FINAL, NEXT_NOT_BEFORE, READY_COUNT, T
 from koubou_mcp.queue.workers import list_workers
 from koubou_mcp.store import Store
 
@@ -97,6 +97,16 @@ def ready_pending_count(store: Store, now: datetime) -> int:
     """Pending tasks that a worker could claim right now (not waiting out a backoff)."""
     with store.read() as conn:
         return int(conn.execute(READY_COUNT, {"p_now": now}).scalar_one())
+
+
+def next_ready_in(store: Store, now: datetime) -> float | None:
+    """Seconds from ``now`` until the first pending task that waits out a retry backoff
+    becomes ready; None when none waits (a task ready already is a claim's to find). An idle
+    worker sleeping longer than its poll wakes by then: no wake-up announces the end of a
+    backoff."""
+    with store.read() as conn:
+        at = conn.execute(NEXT_NOT_BEFORE, {"p_now": now}).scalar_one()
+    return None if at is None else elapsed_s(now, at)
 
 
 def pending_by_priority(store: Store) -> dict[int, int]:

@@ -48,6 +48,10 @@ READY = and_(T.c.status == TaskStatus.PENDING.value,
              or_(T.c.not_before.is_(None), T.c.not_before <= NOW))
 ANY_READY = select(T.c.task_id).where(READY).limit(1)
 READY_COUNT = select(func.count()).select_from(T).where(READY)
+#: when the first pending task now waiting out a retry backoff at ``p_now`` becomes ready
+#: (NULL when none waits)
+NEXT_NOT_BEFORE = select(func.min(T.c.not_before)).where(
+    T.c.status == TaskStatus.PENDING.value, T.c.not_before > NOW)
 
 
 # -- enqueue ------------------------------------------------------------------------------

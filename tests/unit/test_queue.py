@@ -403,3 +403,18 @@ def test_each_task_is_claimed_by_exactly_one_of_many_processes(
     assert len(everything) == 120
     assert len(set(everything)) == 120, "a task was claimed by two processes"
     assert sum(1 for ids in results.values() if ids) > 1, "one process took everything"
+
+
+def test_next_ready_in_says_when_a_task_waiting_out_its_backoff_becomes_ready(
+        store: Store, store_settings: Settings) -> None:
+    assert queue.next_ready_in(store, T0) is None  # nothing waits
+    task = submit(store, store_settings, "x")
+    assert queue.next_ready_in(store, T0) is None  # ready at once: nothing to wait for
+    queue.register_worker(store, "w1", 1, T0)
+    assert queue.claim_next(store, "w1", T0, 30) is not None
+    failed = queue.fail(store, task.task_id, "w1", "reset", T0, retry=True, backoff=(5.0, 5.0),
+                        jitter=1.0)
+    assert failed is not None and failed.status == TaskStatus.PENDING.value
+    assert queue.next_ready_in(store, T0) == pytest.approx(5.0, abs=0.01)
+    assert queue.next_ready_in(store, at(4)) == pytest.approx(1.0, abs=0.01)
+    assert queue.next_ready_in(store, at(6)) is None  # ready by then
