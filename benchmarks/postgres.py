@@ -216,7 +216,8 @@ def _run(quick: bool, pg_url: str, version: str) -> dict[str, Any]:
         "cores, more workers only add contention.",
         "`cpu_ms_per_task` (CPU of the worker processes / tasks): each worker listens on a "
         "channel of its own, and an enqueue picks as many idle workers as it adds tasks (from "
-        "the `workers` rows, the one woken longest ago first, SKIP LOCKED) and notifies only "
+        "the `workers` rows, SKIP LOCKED: of those not woken since their last task the one "
+        "idle most recently, so a trickle of work stays on warm workers) and notifies only "
         "them, in its own transaction; with every worker busy it wakes none, and the next to "
         "finish claims before it sleeps. `server_cpu_ms_per_task`: the PostgreSQL server's "
         "processes, `standin_cpu_ms_per_task`: the stand-in Ollama's, over the same batch.",

@@ -60,15 +60,21 @@ def worker_channel(worker_id: str) -> str:
 
 
 #: The wake-up statements (``wakeup`` runs them; the SQL stays here with the store's other
-#: statements). New work wakes up to ``:n`` idle workers, one each (the ones woken longest
-#: ago first, and never one another enqueue is waking right now: SKIP LOCKED), and every
-#: supervisor; NOTIFY is delivered at commit. It answers how many workers it woke.
-#: ``woken_at`` is only compared with itself, so it is the server's clock (in UTC, as the
-#: other columns), not the caller's.
+#: statements). New work wakes up to ``:n`` idle workers, one each, and every supervisor;
+#: NOTIFY is delivered at commit. It answers how many workers it woke. Which ones: first those
+#: not woken since they last took a task (``woken_at`` is cleared by a claim; one woken
+#: already is about to claim, and a second task must reach a second worker), of those the one
+#: idle most recently; then the ones woken longest ago. Most recently idle first keeps a
+#: trickle of work on the same few workers: they wake warm (a process woken after a long
+#: sleep pays for it in CPU, see docs/benchmarks.md), and the others stay idle long enough
+#: for the supervisor to retire them. Never one another enqueue is waking right now (SKIP
+#: LOCKED). ``woken_at`` is only compared with itself, so it is the server's clock (in UTC,
+#: as the other columns), not the caller's.
 WAKE_IDLE_WORKERS = text(f"""
 WITH picked AS (
     SELECT worker_id FROM workers WHERE status = :idle
-    ORDER BY woken_at NULLS FIRST LIMIT :n FOR UPDATE SKIP LOCKED
+    ORDER BY woken_at IS NOT NULL, idle_since DESC NULLS LAST, woken_at
+    LIMIT :n FOR UPDATE SKIP LOCKED
 ), woken AS (
     UPDATE workers SET woken_at = now() AT TIME ZONE 'UTC' FROM picked
     WHERE workers.worker_id = picked.worker_id RETURNING workers.worker_id

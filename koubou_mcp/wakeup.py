@@ -14,7 +14,8 @@ waiter blocks on a wake-up channel and polls only as a safety net (wake-ups can 
   pipe nobody reads any more is removed. Pokes (stop, cancel) go to a waiter's own pipe.
 * PostgreSQL (many machines): ``LISTEN``/``NOTIFY``. Each worker listens on a channel of its
   own; ``notify(count)`` picks up to ``count`` idle workers from the ``workers`` table (the
-  one woken longest ago first; ``SKIP LOCKED``, so two enqueues at once pick two different
+  one idle most recently among those not woken since their last task, see
+  ``store.WAKE_IDLE_WORKERS``; ``SKIP LOCKED``, so two enqueues at once pick two different
   ones), marks them woken and notifies their channels, in the enqueue's own transaction when
   it can (``queue.submit``). So a new task wakes one idle worker, not all of them.
   Supervisors share one channel that every notify reaches. When no worker is idle nobody is

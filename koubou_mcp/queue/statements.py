@@ -22,6 +22,7 @@ from sqlalchemy import (
     bindparam,
     exists,
     func,
+    null,
     or_,
     select,
     text,
@@ -116,8 +117,11 @@ LOOK_BEFORE_CLAIM = select(
 
 
 def _worker_busy() -> Any:
+    # woken_at cleared: it marks a worker woken since it last took a task (wake-ups pass such
+    # a worker over, it is about to claim)
     return update(W).where(W.c.worker_id == WORKER).values(
-        status=WorkerStatus.BUSY.value, current_task=TASK, last_heartbeat=NOW, idle_since=None)
+        status=WorkerStatus.BUSY.value, current_task=TASK, last_heartbeat=NOW, idle_since=None,
+        woken_at=null())
 
 
 def _worker_busy_counted() -> Any:

@@ -27,7 +27,7 @@ def register_worker(store: Store, worker_id: str, pid: int, now: datetime,
         updated = conn.execute(
             update(W).where(W.c.worker_id == worker_id).values(
                 status=WorkerStatus.STARTING.value, pid=pid, host=host, last_heartbeat=now,
-                current_task=None, idle_since=None, stopped_at=None,
+                current_task=None, idle_since=None, stopped_at=None, woken_at=None,
             )
         ).rowcount
         if not updated:
@@ -41,6 +41,8 @@ def set_worker_status(store: Store, worker_id: str, status: WorkerStatus, now: d
     values: dict[str, Any] = {"status": status.value, "last_heartbeat": now}
     if status == WorkerStatus.IDLE:
         values.update(idle_since=now, current_task=None)
+    elif status == WorkerStatus.BUSY:
+        values.update(woken_at=None)  # as a claim does: not "woken and about to claim" now
     with store.write() as conn:
         conn.execute(
             update(W).where(W.c.worker_id == worker_id,

@@ -8,6 +8,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,36 @@ def test_on_postgres_two_tasks_in_a_row_wake_two_workers_and_busy_ones_are_not_w
         queue.set_worker_status(pg_store, busy, WorkerStatus.IDLE, utcnow())
         pg_store.notify_new_work(5)  # e.g. tasks given back: more than there are idle workers
         assert _wait_all(workers, timeout_s=1.0) == [False, False, True]
+    finally:
+        for listener in workers:
+            listener.close()
+
+
+def test_on_postgres_a_new_task_wakes_the_worker_idle_most_recently(
+    pg_store: Store, settings: Settings
+) -> None:
+    # three idle workers, idle since 30, 20 and 10 s ago
+    ids = _idle_workers(pg_store, 3)
+    for ago, worker_id in zip((30, 20, 10), ids, strict=True):
+        queue.set_worker_status(pg_store, worker_id, WorkerStatus.IDLE,
+                                utcnow() - timedelta(seconds=ago))
+    workers = [pg_store.wakeup.listen(worker_id, one_of_many=True) for worker_id in ids]
+
+    def one_task() -> None:
+        queue.enqueue(pg_store, queue.validate_request(settings, "one"), settings, utcnow())
+
+    try:
+        threading.Timer(0.2, one_task).start()
+        assert _wait_all(workers, timeout_s=1.0) == [False, False, True]
+        # it claims (busy), finishes (idle again, the most recent): the next task is its too,
+        # and the others sleep on
+        queue.set_worker_status(pg_store, ids[2], WorkerStatus.BUSY, utcnow())
+        queue.set_worker_status(pg_store, ids[2], WorkerStatus.IDLE, utcnow())
+        threading.Timer(0.2, one_task).start()
+        assert _wait_all(workers, timeout_s=1.0) == [False, False, True]
+        # woken but not claimed yet: the next task passes it over for the next most recent
+        threading.Timer(0.2, one_task).start()
+        assert _wait_all(workers, timeout_s=1.0) == [False, True, False]
     finally:
         for listener in workers:
             listener.close()
