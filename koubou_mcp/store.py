@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
+from sqlalchemy import Connection, Engine, Integer, Text, column, create_engine, event, inspect, select, text
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -62,14 +62,12 @@ def worker_channel(worker_id: str) -> str:
 #: The wake-up statements (``wakeup`` runs them; the SQL stays here with the store's other
 #: statements). New work wakes up to ``:n`` idle workers, one each, and every supervisor;
 #: NOTIFY is delivered at commit. It answers how many workers it woke. Which ones: first those
-#: not woken since they last took a task (``woken_at`` is cleared by a claim; one woken
-#: already is about to claim, and a second task must reach a second worker), of those the one
-#: idle most recently; then the ones woken longest ago. Most recently idle first keeps a
-#: trickle of work on the same few workers: they wake warm (a process woken after a long
-#: sleep pays for it in CPU, see docs/benchmarks.md), and the others stay idle long enough
-#: for the supervisor to retire them. Never one another enqueue is waking right now (SKIP
-#: LOCKED). ``woken_at`` is only compared with itself, so it is the server's clock (in UTC,
-#: as the other columns), not the caller's.
+#: not woken since they last took a task (a claim clears ``woken_at``: one woken already is
+#: about to claim, a second task needs a second worker), of those the one idle most recently
+#: (a trickle of work stays on a few workers, which wake warm, and the others stay idle long
+#: enough to be retired: docs/benchmarks.md); then the ones woken longest ago. Never one
+#: another enqueue is waking right now (SKIP LOCKED). ``woken_at`` is only compared with
+#: itself, so it is the server's clock (in UTC, as the other columns), not the caller's.
 WAKE_IDLE_WORKERS = text(f"""
 WITH picked AS (
     SELECT worker_id FROM workers WHERE status = :idle
@@ -80,10 +78,12 @@ WITH picked AS (
     WHERE workers.worker_id = picked.worker_id RETURNING workers.worker_id
 )
 SELECT count(pg_notify('{WORKER_CHANNEL_PREFIX}'
-                       || left(encode(sha256(convert_to(worker_id, 'UTF8')), 'hex'), 32), '')),
-       pg_notify(:c, '')
+                       || left(encode(sha256(convert_to(worker_id, 'UTF8')), 'hex'), 32), ''))
+       AS woken,
+       pg_notify(:c, '') AS supervisors
 FROM woken
-""").bindparams(idle=WorkerStatus.IDLE.value, c=NOTIFY_CHANNEL)
+""").bindparams(idle=WorkerStatus.IDLE.value, c=NOTIFY_CHANNEL).columns(
+    column("woken", Integer()), column("supervisors", Text()))
 
 
 def listen_statement(worker_id: str | None) -> str:

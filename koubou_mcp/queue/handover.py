@@ -10,7 +10,7 @@ The guarantees are those of the parts (``complete``, ``observe_model_server``,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import Connection
@@ -35,14 +35,16 @@ from koubou_mcp.queue.prepared import prepared
 from koubou_mcp.queue.records import capacity_of
 from koubou_mcp.queue.servers import (
     lock_server_row,
+    observe_model_server,
     server_update_params,
     worth_writing,
     write_server,
 )
 from koubou_mcp.queue.statements import (
     LOOK_BEFORE_CLAIM,
+    SERVER_ROW,
     SERVER_ROW_LOCKED,
-    SERVER_UPDATE,
+    SERVER_UPDATE_IF_UNCHANGED,
     WORKER_DONE,
     handover_admit_pg,
 )
@@ -83,12 +85,22 @@ def complete_and_admit(store: Store, task_id: str, worker_id: str, result: str, 
             done = _in_two_messages(conn, task_id, worker_id, result, now, generated,
                                     observations, max_limit, model_url, claim)
         if done is None:
-            done = _in_statements(conn, store.is_postgres, task_id, worker_id, result, now,
-                                  generated, observations, max_limit, model_url, claim)
-    handed, raised = done
-    if raised:
+            done = _TwoMessages(*_in_statements(
+                conn, store.is_postgres, task_id, worker_id, result, now, generated,
+                observations, max_limit, model_url, claim), unapplied=())
+    if done.raised:
         store.notify_new_work()  # a worker waiting for a slot can take the new one
-    return handed
+    if not done.unapplied or model_url is None:
+        return done.handed
+    # learned from a row that changed before it could be written: learn from the row as it is
+    # now, one observation a transaction (each notifies when it raises the limit)
+    known = None
+    for observation in done.unapplied:
+        known = observe_model_server(store, model_url, observation, now, max_limit)
+    nxt = done.handed.next
+    if nxt is not None and known is not None:
+        return replace(done.handed, next=replace(nxt, capacity=known))
+    return done.handed
 
 
 def _in_statements(conn: Connection, postgres: bool, task_id: str, worker_id: str,
@@ -122,16 +134,23 @@ def _in_statements(conn: Connection, postgres: bool, task_id: str, worker_id: st
 def _in_two_messages(conn: Connection, task_id: str, worker_id: str, result: str,
                      now: datetime, generated: Generated | None,
                      observations: Sequence[Observation], max_limit: int, model_url: str,
-                     claim: NextClaim | None) -> tuple[HandedOver, bool] | None:
+                     claim: NextClaim | None) -> _TwoMessages | None:
     """PostgreSQL: the same transaction in two round trips instead of five
-    (``queue.message``): ``BEGIN``, the completion and the server's row, locked; then what
-    was learned of the server, the next claim (or the worker idle) and ``COMMIT``. The row
-    stays locked across one round trip, not two. None when the server has no row yet (the
-    caller runs ``_in_statements``, which makes it)."""
+    (``queue.message``): ``BEGIN``, the completion and the server's row, read without a lock;
+    then the server's row locked (to claim), what was learned of it written only if no one
+    wrote the row since it was read, the next claim (or the worker idle) and ``COMMIT``.
+
+    The server's row is locked only while the server runs the second message, never across a
+    round trip: with the lock taken in the first message, a worker descheduled between its
+    two messages (more workers than cores) held every other admission to that server behind
+    it, and eight workers drained slower than two. When the row did change in between (a
+    rare race: another hand-over's write), the observations are left to the caller to apply
+    after the commit (``unapplied``). None when the server has no row yet (the caller runs
+    ``_in_statements``, which makes it)."""
     complete, params = complete_call(task_id, worker_id, result, now, generated)
     with transaction(conn) as tx:
         done, server = tx.send([(prepared(complete, conn), params),
-                                (prepared(SERVER_ROW_LOCKED, conn), {"p_url": model_url})])
+                                (prepared(SERVER_ROW, conn), {"p_url": model_url})])
         if not server:
             tx.rollback()
             return None
@@ -140,8 +159,14 @@ def _in_two_messages(conn: Connection, task_id: str, worker_id: str, result: str
         for observation in observations:
             known = next_capacity(known, observation, now, max_limit)
         calls: list[Call] = []
+        if claim is not None:  # admissions to the server take turns on its row's lock
+            calls.append((prepared(SERVER_ROW_LOCKED, conn), {"p_url": model_url}))
+        written = None
         if worth_writing(before, known, server[0]["updated_at"], now):
-            calls.append((prepared(SERVER_UPDATE, conn), server_update_params(known, now)))
+            written = len(calls)
+            calls.append((prepared(SERVER_UPDATE_IF_UNCHANGED, conn),
+                          {**server_update_params(known, now),
+                           "p_seen": server[0]["updated_at"]}))
         if claim is None:
             calls.append((prepared(WORKER_DONE, conn),
                           worker_done_params(worker_id, now, completed=accepted, failed=False)))
@@ -153,10 +178,22 @@ def _in_two_messages(conn: Connection, task_id: str, worker_id: str, result: str
         if claim is not None:
             then.append((prepared(LOOK_BEFORE_CLAIM, conn), {"p_now": now, "p_url": model_url}))
         results = tx.send(calls, commit=True, then=then)
+    unapplied = written is not None and not results[written]
     admitted = None
     nothing_ready = False
     if claim is not None:
-        claimed, look = results[-2], results[-1]
+        claimed, look = results[len(calls) - 1], results[-1]
         admitted = admitted_from(claimed[0], known) if claimed else None
         nothing_ready = admitted is None and not look_finds_work(look, model_url)
-    return HandedOver(accepted, admitted, nothing_ready), known.limit > before.limit
+    return _TwoMessages(HandedOver(accepted, admitted, nothing_ready),
+                        raised=not unapplied and known.limit > before.limit,
+                        unapplied=observations if unapplied else ())
+
+
+@dataclass(frozen=True)
+class _TwoMessages:
+    handed: HandedOver
+    #: the server's limit was raised
+    raised: bool
+    #: observations not written: the server's row changed between the two messages
+    unapplied: Sequence[Observation]

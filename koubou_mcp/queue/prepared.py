@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from sqlalchemy import Select
+from sqlalchemy import Select, TextualSelect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import PoolProxiedConnection
@@ -182,7 +182,7 @@ class Prepared:
 
 def _result_columns(statement: Executable) -> tuple[list[str], list[Any]]:
     """The names and types of the columns ``statement`` returns (none for a plain write)."""
-    if isinstance(statement, Select):
+    if isinstance(statement, (Select, TextualSelect)):  # a text with .columns(...)
         described = [(c.name, c.type) for c in statement.selected_columns]
     else:
         described = [(d["name"], d["type"]) for d in

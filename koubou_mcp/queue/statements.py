@@ -22,7 +22,6 @@ from sqlalchemy import (
     bindparam,
     exists,
     func,
-    null,
     or_,
     select,
     text,
@@ -121,7 +120,7 @@ def _worker_busy() -> Any:
     # a worker over, it is about to claim)
     return update(W).where(W.c.worker_id == WORKER).values(
         status=WorkerStatus.BUSY.value, current_task=TASK, last_heartbeat=NOW, idle_since=None,
-        woken_at=null())
+        woken_at=None)
 
 
 def _worker_busy_counted() -> Any:
@@ -189,12 +188,22 @@ def _count(cte: Any) -> Any:
 #: a model server's row (locked for the transaction on PostgreSQL: ``SERVER_ROW_LOCKED``)
 SERVER_ROW = select(M).where(M.c.url == URL)
 SERVER_ROW_LOCKED = SERVER_ROW.with_for_update()
+def _server_values() -> dict[str, Any]:
+    return {name: bindparam(f"v_{name}", type_=M.c[name].type)
+            for name in ("slot_limit", "pinned", "good", "ceiling", "ceiling_at",
+                         "baseline_ttft_s", "baseline_tps", "last_ttft_s", "last_tps",
+                         "busy_events", "updated_at")}
+
+
 #: what is known of a model server, replaced whole (``records.capacity_values`` names the
 #: values; built once like the other hot-path statements)
-SERVER_UPDATE = update(M).where(M.c.url == URL).values(
-    {name: bindparam(f"v_{name}", type_=M.c[name].type)
-     for name in ("slot_limit", "pinned", "good", "ceiling", "ceiling_at", "baseline_ttft_s",
-                  "baseline_tps", "last_ttft_s", "last_tps", "busy_events", "updated_at")})
+SERVER_UPDATE = update(M).where(M.c.url == URL).values(_server_values())
+#: ``SERVER_UPDATE`` only while the row is as it was read (``p_seen``: its ``updated_at``),
+#: returning its url: a hand-over reads the row unlocked and writes what it learned from it
+#: only if no one wrote it since (``queue.handover``; every write sets ``updated_at``)
+SERVER_UPDATE_IF_UNCHANGED = update(M).where(
+    M.c.url == URL, M.c.updated_at == bindparam("p_seen", type_=M.c.updated_at.type)
+).values(_server_values()).returning(M.c.url)
 #: a new model server's row at one slot; another worker may insert it first
 SERVER_INSERT_PG = text(
     "INSERT INTO model_servers (url, slot_limit, pinned, good, busy_events, "

@@ -41,8 +41,6 @@ def set_worker_status(store: Store, worker_id: str, status: WorkerStatus, now: d
     values: dict[str, Any] = {"status": status.value, "last_heartbeat": now}
     if status == WorkerStatus.IDLE:
         values.update(idle_since=now, current_task=None)
-    elif status == WorkerStatus.BUSY:
-        values.update(woken_at=None)  # as a claim does: not "woken and about to claim" now
     with store.write() as conn:
         conn.execute(
             update(W).where(W.c.worker_id == worker_id,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import psycopg
 import pytest
@@ -14,12 +15,20 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DataError, OperationalError
 
 from koubou_mcp import queue
+from koubou_mcp.admission import Observation
 from koubou_mcp.config import Settings
 from koubou_mcp.models import TaskStatus, utcnow
 from koubou_mcp.queue import message
 from koubou_mcp.queue.lifecycle import complete_call
 from koubou_mcp.queue.prepared import prepared
-from koubou_mcp.queue.statements import SERVER_ROW_LOCKED, WORKER_BEAT, T, W, claim_statement
+from koubou_mcp.queue.statements import (
+    SERVER_ROW_LOCKED,
+    WORKER_BEAT,
+    M,
+    T,
+    W,
+    claim_statement,
+)
 from koubou_mcp.store import Store, is_store_fault, open_store
 from tests.support.waiting import wait_until
 
@@ -198,3 +207,74 @@ def test_a_heartbeat_takes_the_task_row_before_the_worker_row(
         lease = conn.execute(select(T.c.lease_expires_at).where(T.c.task_id == task_id)
                              ).scalar_one()
     assert lease > utcnow() + timedelta(seconds=200)  # the claim's lease was 30 s
+
+
+def _between_the_hand_over_messages(monkeypatch: pytest.MonkeyPatch, then: Any) -> list[bool]:
+    """Run ``then()`` after a transaction's first message, before its second; the list
+    records that it ran."""
+    ran: list[bool] = []
+    send = message.Messages.send
+
+    def first_then_hook(self: message.Messages, calls: Any, **kwargs: Any) -> Any:
+        rows = send(self, calls, **kwargs)
+        if not kwargs.get("commit") and not ran:
+            then()
+            ran.append(True)
+        return rows
+
+    monkeypatch.setattr(message.Messages, "send", first_then_hook)
+    return ran
+
+
+def _server_row(store: Store) -> Any:
+    with store.read() as conn:
+        return conn.execute(select(M).where(M.c.url == URL)).one()
+
+
+@pytest.mark.parametrize("claims", [False, True], ids=["idle-after", "claiming-next"])
+def test_a_hand_over_leaves_the_server_row_unlocked_between_its_messages(
+        pg: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch, claims: bool) -> None:
+    """Locked in the first message, the row stayed locked while the worker was away between
+    them (descheduled, with more workers than cores), and every admission to that server
+    queued behind it."""
+    task_id = _claimed(pg, settings)
+    queue.enqueue(pg, queue.validate_request(settings, "next"), settings, utcnow())
+    plain = pg.url.replace("postgresql+psycopg://", "postgresql://")
+
+    def lock_it_elsewhere() -> None:
+        with psycopg.connect(plain) as other:
+            other.execute("SELECT 1 FROM model_servers WHERE url = %s FOR UPDATE NOWAIT",
+                          (URL,))  # raises LockNotAvailable while the hand-over holds it
+    ran = _between_the_hand_over_messages(monkeypatch, lock_it_elsewhere)
+    handed = queue.complete_and_admit(
+        pg, task_id, "w1", "done", utcnow(), None, model_url=URL,
+        observations=[Observation(concurrency=1, first_token_s=0.5, busy=True)],
+        claim=queue.NextClaim(30.0, URL) if claims else None)
+    assert ran == [True] and handed.accepted
+    assert (handed.next is not None) == claims
+    assert _server_row(pg).busy_events == 1  # the observation was written
+
+
+def test_a_hand_over_racing_another_write_to_the_server_row_keeps_both(
+        pg: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    task_id = _claimed(pg, settings)
+    queue.enqueue(pg, queue.validate_request(settings, "next"), settings, utcnow())
+    plain = pg.url.replace("postgresql+psycopg://", "postgresql://")
+
+    def write_it_elsewhere() -> None:  # as another worker's hand-over would, committed
+        with psycopg.connect(plain) as other:
+            other.execute("SET lock_timeout = '5s'")
+            other.execute("UPDATE model_servers SET busy_events = busy_events + 10, "
+                          "baseline_ttft_s = 9.0, updated_at = now() WHERE url = %s", (URL,))
+    ran = _between_the_hand_over_messages(monkeypatch, write_it_elsewhere)
+    handed = queue.complete_and_admit(
+        pg, task_id, "w1", "done", utcnow(), None, model_url=URL,
+        observations=[Observation(concurrency=1, first_token_s=0.5, busy=True)],
+        claim=queue.NextClaim(30.0, URL))
+    assert ran == [True] and handed.accepted and handed.next is not None
+    row = _server_row(pg)
+    assert row.busy_events == 11  # the other write and this observation, neither lost
+    assert row.baseline_ttft_s == 9.0 and row.last_ttft_s == 0.5
+    # the claimed task knows the server as it is now, with both
+    assert handed.next.capacity is not None and handed.next.capacity.busy_events == 11
+    assert _status(pg, task_id) == (TaskStatus.COMPLETED.value, "done")

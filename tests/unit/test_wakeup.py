@@ -267,9 +267,9 @@ def test_on_postgres_a_new_task_wakes_the_worker_idle_most_recently(
     try:
         threading.Timer(0.2, one_task).start()
         assert _wait_all(workers, timeout_s=1.0) == [False, False, True]
-        # it claims (busy), finishes (idle again, the most recent): the next task is its too,
-        # and the others sleep on
-        queue.set_worker_status(pg_store, ids[2], WorkerStatus.BUSY, utcnow())
+        # it claims (the claim clears its woken mark), finishes (idle again, the most
+        # recent): the next task is its too, and the others sleep on
+        assert queue.claim_next(pg_store, ids[2], utcnow(), 30.0) is not None
         queue.set_worker_status(pg_store, ids[2], WorkerStatus.IDLE, utcnow())
         threading.Timer(0.2, one_task).start()
         assert _wait_all(workers, timeout_s=1.0) == [False, False, True]
