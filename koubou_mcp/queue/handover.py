@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Connection
 
@@ -45,6 +46,7 @@ from koubou_mcp.queue.statements import (
     SERVER_ROW,
     SERVER_ROW_LOCKED,
     SERVER_UPDATE_IF_UNCHANGED,
+    SLOT_HELD_UNTIL,
     WORKER_DONE,
     handover_admit_pg,
 )
@@ -137,20 +139,26 @@ def _in_two_messages(conn: Connection, task_id: str, worker_id: str, result: str
                      claim: NextClaim | None) -> _TwoMessages | None:
     """PostgreSQL: the same transaction in two round trips instead of five
     (``queue.message``): ``BEGIN``, the completion and the server's row, read without a lock;
-    then the server's row locked (to claim), what was learned of it written only if no one
-    wrote the row since it was read, the next claim (or the worker idle) and ``COMMIT``.
+    then what was learned of the server, written only if no one wrote the row since it was
+    read, the next claim (or the worker idle) and ``COMMIT``.
 
-    The server's row is locked only while the server runs the second message, never across a
-    round trip: with the lock taken in the first message, a worker descheduled between its
+    The server's row is never locked across a round trip: a worker descheduled between its
     two messages (more workers than cores) held every other admission to that server behind
-    it, and eight workers drained slower than two. When the row did change in between (a
-    rare race: another hand-over's write), the observations are left to the caller to apply
-    after the commit (``unapplied``). None when the server has no row yet (the caller runs
-    ``_in_statements``, which makes it)."""
+    it. Nor, mostly, at all: a worker that claims its next task on the server whose slot it
+    holds keeps that slot (``_keeps_slot``), and only a claim that takes a slot takes the
+    row's lock, which admissions take turns on (held until the commit's WAL flush, that
+    serialised every hand-over of a pool on one server). When the row did change in between
+    (a rare race: another hand-over's write), the observations are left to the caller to
+    apply after the commit (``unapplied``). None when the server has no row yet (the caller
+    runs ``_in_statements``, which makes it)."""
     complete, params = complete_call(task_id, worker_id, result, now, generated)
+    first: list[Call] = [(prepared(complete, conn), params),
+                         (prepared(SERVER_ROW, conn), {"p_url": model_url})]
+    if claim is not None:  # read before the completion ends the task's hold on its slot
+        first.insert(0, (prepared(SLOT_HELD_UNTIL, conn),
+                         {"p_task": task_id, "p_worker": worker_id, "p_url": model_url}))
     with transaction(conn) as tx:
-        done, server = tx.send([(prepared(complete, conn), params),
-                                (prepared(SERVER_ROW, conn), {"p_url": model_url})])
+        *held, done, server = tx.send(first)
         if not server:
             tx.rollback()
             return None
@@ -159,7 +167,8 @@ def _in_two_messages(conn: Connection, task_id: str, worker_id: str, result: str
         for observation in observations:
             known = next_capacity(known, observation, now, max_limit)
         calls: list[Call] = []
-        if claim is not None:  # admissions to the server take turns on its row's lock
+        if claim is not None and not (accepted and _keeps_slot(held[0], claim, now)):
+            # a new admission: admissions to the server take turns on its row's lock
             calls.append((prepared(SERVER_ROW_LOCKED, conn), {"p_url": model_url}))
         written = None
         if worth_writing(before, known, server[0]["updated_at"], now):
@@ -188,6 +197,20 @@ def _in_two_messages(conn: Connection, task_id: str, worker_id: str, result: str
     return _TwoMessages(HandedOver(accepted, admitted, nothing_ready),
                         raised=not unapplied and known.limit > before.limit,
                         unapplied=observations if unapplied else ())
+
+
+def _keeps_slot(held: list[dict[str, Any]], claim: NextClaim, now: datetime) -> bool:
+    """Whether the hand-over can claim its next task into the slot its task held, without
+    the server's row lock. Every other admission counts that slot as taken until this
+    transaction commits, and at its commit one task replaces the other: the slots in use
+    stay as they were, whatever admissions run meanwhile, so none can overfill the server.
+    The claim still needs fewer slots in use than the limit (``handover_admit_pg``), which
+    gives the slot up when the limit went down. Only while the lease has half its length
+    to run: an expiring lease stops counting as a slot (``IN_FLIGHT``) by others' clocks."""
+    if not held:
+        return False  # the task is not this worker's slot any more (ended, or taken back)
+    until = held[0]["lease_expires_at"]
+    return until is not None and until >= now + timedelta(seconds=claim.lease_s / 2)
 
 
 @dataclass(frozen=True)

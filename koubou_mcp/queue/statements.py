@@ -106,6 +106,11 @@ IN_FLIGHT = select(func.count()).select_from(T).where(
     T.c.model_url == URL,
     T.c.lease_expires_at >= NOW,
 )
+#: until when ``p_worker`` holds a slot of ``p_url`` with task ``p_task``: its lease, while
+#: the task is in progress as that worker's on that server (no row: it holds none)
+SLOT_HELD_UNTIL = select(T.c.lease_expires_at).where(
+    T.c.task_id == TASK, T.c.worker_id == WORKER, T.c.model_url == URL,
+    T.c.status == TaskStatus.IN_PROGRESS.value)
 #: what a worker looks at before it claims (no lock taken): whether a task is ready, and
 #: the slots of ``p_url`` in use and its limit (NULL: no row for that server yet)
 LOOK_BEFORE_CLAIM = select(

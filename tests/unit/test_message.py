@@ -278,3 +278,60 @@ def test_a_hand_over_racing_another_write_to_the_server_row_keeps_both(
     # the claimed task knows the server as it is now, with both
     assert handed.next.capacity is not None and handed.next.capacity.busy_events == 11
     assert _status(pg, task_id) == (TaskStatus.COMPLETED.value, "done")
+
+
+def _hand_over_while_the_server_row_is_locked(pg: Store, task_id: str) -> tuple[
+        threading.Thread, dict[str, Any], psycopg.Connection[Any]]:
+    """Start a claiming hand-over of ``task_id`` in a thread while another connection holds
+    the server's row lock (the caller releases it with ``holder.rollback()``)."""
+    plain = pg.url.replace("postgresql+psycopg://", "postgresql://")
+    holder = psycopg.connect(plain)
+    holder.execute("SELECT 1 FROM model_servers WHERE url = %s FOR UPDATE", (URL,))
+    out: dict[str, Any] = {}
+
+    def hand_over() -> None:
+        out["handed"] = queue.complete_and_admit(pg, task_id, "w1", "done", utcnow(), None,
+                                                 model_url=URL, claim=queue.NextClaim(30, URL))
+    thread = threading.Thread(target=hand_over, daemon=True)
+    thread.start()
+    return thread, out, holder
+
+
+def test_a_hand_over_keeping_its_slot_does_not_wait_for_the_server_row(
+        pg: Store, settings: Settings) -> None:
+    task_id = _claimed(pg, settings)
+    queue.enqueue(pg, queue.validate_request(settings, "next"), settings, utcnow())
+    thread, out, holder = _hand_over_while_the_server_row_is_locked(pg, task_id)
+    try:
+        thread.join(timeout=10)  # done while the row is still locked elsewhere
+        assert not thread.is_alive()
+    finally:
+        holder.rollback()
+        holder.close()
+        thread.join(timeout=10)
+    assert out["handed"].accepted and out["handed"].next is not None
+
+
+def test_a_hand_over_whose_lease_is_running_out_takes_a_slot_as_a_new_claim_does(
+        pg: Store, settings: Settings) -> None:
+    """By other workers' clocks, a lease about to run out stops holding its slot: a claim
+    after it is a new admission, in turn on the server's row lock."""
+    task_id = _claimed(pg, settings)
+    queue.enqueue(pg, queue.validate_request(settings, "next"), settings, utcnow())
+    with pg.write() as conn:
+        conn.execute(T.update().where(T.c.task_id == task_id).values(
+            lease_expires_at=utcnow() + timedelta(seconds=5)))  # of a 30 s lease
+    thread, out, holder = _hand_over_while_the_server_row_is_locked(pg, task_id)
+    plain = pg.url.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        with psycopg.connect(plain, autocommit=True) as probe:
+            wait_until(lambda: probe.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE %s", ("%EXECUTE%",)).fetchone()[0] == 1,  # type: ignore[index]
+                timeout=10, message="the hand-over waiting for the server's row")
+        assert thread.is_alive() and "handed" not in out
+    finally:
+        holder.rollback()
+        holder.close()
+        thread.join(timeout=10)
+    assert out["handed"].accepted and out["handed"].next is not None

@@ -337,3 +337,76 @@ def test_a_hand_over_of_a_task_that_ended_elsewhere_drops_the_result_but_still_c
     assert not handed.accepted
     assert queue.get_task(store, first_id).result == "first"
     assert handed.next is not None and handed.next.task.task_id == second_id
+
+
+def test_hand_overs_and_new_claims_racing_never_exceed_the_limit(
+        store: Store, store_settings: Settings) -> None:
+    """Hand-overs keep their worker's slot for the next task (on PostgreSQL without the
+    server's row lock) while woken workers take free slots under it: the slots in use stay
+    within the limit, round after round."""
+    queue.configure_model_server(store, URL, 2, at(0))
+    submit(store, store_settings, 40)
+    holders, claimers = ["h1", "h2"], ["c1", "c2", "c3"]
+    workers(store, *holders, *claimers)
+    held = {name: queue.admit_next(store, name, at(1), 30, URL) for name in holders}
+    assert all(a is not None for a in held.values())
+    for round_no in range(6):
+        now = at(2 + round_no)
+        barrier = threading.Barrier(len(holders) + len(claimers))
+        got: dict[str, queue.Admitted | None] = {}
+
+        def hand_over(name: str, now: datetime = now,
+                      barrier: threading.Barrier = barrier,
+                      got: dict[str, queue.Admitted | None] = got) -> None:
+            own = open_store(store_settings.database_url, store_settings.run_dir)
+            try:
+                admitted = held[name]
+                barrier.wait(timeout=10)
+                if admitted is None:
+                    got[name] = queue.admit_next(own, name, now, 30, URL)
+                else:
+                    got[name] = queue.complete_and_admit(
+                        own, admitted.task.task_id, name, "done", now, None, model_url=URL,
+                        claim=queue.NextClaim(30, URL)).next
+            finally:
+                own.close()
+
+        def claim(name: str, now: datetime = now, barrier: threading.Barrier = barrier,
+                  got: dict[str, queue.Admitted | None] = got) -> None:
+            own = open_store(store_settings.database_url, store_settings.run_dir)
+            try:
+                barrier.wait(timeout=10)
+                got[name] = queue.admit_next(own, name, now, 30, URL)
+            finally:
+                own.close()
+
+        threads = [threading.Thread(target=hand_over, args=(n,)) for n in holders] + \
+                  [threading.Thread(target=claim, args=(n,)) for n in claimers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+        assert len(got) == len(threads)
+        [use] = queue.model_servers(store, now)
+        assert use.in_use <= 2, f"round {round_no}: {use.in_use} slots in use of 2"
+        assert use.in_use == sum(1 for a in got.values() if a is not None)
+        # the claimers' tasks end (their slots free), the holders carry theirs on
+        for name in claimers:
+            if (admitted := got[name]) is not None:
+                assert queue.complete(store, admitted.task.task_id, name, "done", now)
+        held.update({name: got[name] for name in holders})
+
+
+def test_a_hand_over_gives_its_slot_up_when_the_limit_went_down(
+        store: Store, store_settings: Settings) -> None:
+    queue.configure_model_server(store, URL, 2, at(0))
+    submit(store, store_settings, 3)
+    workers(store, "w1", "w2")
+    first, second = (queue.admit_next(store, w, at(1), 30, URL) for w in ("w1", "w2"))
+    assert first is not None and second is not None
+    queue.configure_model_server(store, URL, 1, at(1))  # two in use, one allowed now
+    handed = queue.complete_and_admit(store, first.task.task_id, "w1", "done", at(2), None,
+                                      model_url=URL, claim=queue.NextClaim(30, URL))
+    assert handed.accepted and handed.next is None  # w2's task is the one slot allowed
+    [use] = queue.model_servers(store, at(2))
+    assert use.in_use == 1
