@@ -68,6 +68,12 @@ def submit(store: Store, settings: Settings, count: int, label: str) -> None:
         queue.enqueue(store, request, settings, utcnow())
 
 
+def submit_at_once(store: Store, settings: Settings, count: int, label: str) -> None:
+    """``count`` tasks in one ``enqueue_many`` (a batch delegated in one call)."""
+    requests = [queue.validate_request(settings, f"{label} {i}") for i in range(count)]
+    queue.enqueue_many(store, requests, settings, utcnow())
+
+
 def ended_count(store: Store) -> int:
     counts = queue.counts_by_status(store)
     if counts["failed"] or counts["cancelled"]:
@@ -77,10 +83,12 @@ def ended_count(store: Store) -> int:
 
 def ours_once(children: Children, store: Store, settings: Settings, workers: int, batch: int,
               label: str, timeout_s: float = 300.0,
-              peers: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
+              peers: Callable[[], dict[str, float]] | None = None,
+              at_once: bool = False) -> dict[str, float]:
     """Start ``workers`` workers on ``store``, warm them up, time one batch, stop them.
     ``peers``: CPU seconds so far of other parties (name -> seconds), reported for the batch
-    as ``<name>_cpu_ms_per_task``."""
+    as ``<name>_cpu_ms_per_task``. ``at_once``: the batch is enqueued in one call
+    (``submit_at_once``), not one task at a time."""
     ids = [f"{label}-w{i}" for i in range(workers)]
     procs = start_workers(children, store, settings, ids)
     try:
@@ -92,7 +100,7 @@ def ours_once(children: Children, store: Store, settings: Settings, workers: int
         peers_before = peers() if peers is not None else {}
         cpu_before = sum(cpu_seconds(p.pid) for p in procs)
         started = time.perf_counter()
-        submit(store, settings, batch, label)
+        (submit_at_once if at_once else submit)(store, settings, batch, label)
         submitted = time.perf_counter()
         wait_until(lambda: ended_count(store) >= before + warm + batch, timeout=timeout_s,
                    message=f"{batch} tasks on {workers} worker(s)", interval=0.01)
