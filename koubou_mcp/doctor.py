@@ -1,6 +1,7 @@
 """``koubou-mcp doctor``: check the setup and say how to fix each problem.
 
-Checks the home directory, the database (without creating a SQLite file), Ollama and its
+Checks the home directory, the database (without creating a SQLite file; on PostgreSQL also
+whether the server vacuums: a warning when autovacuum is off), Ollama and its
 models, the Codex CLI, and whether a pool runs for this home (information only: the MCP server
 starts one when a client connects). Exit 0 when everything needed is fine, 1 otherwise; an
 optional piece that is missing (the Codex CLI: only ``code`` tasks need it) is a warning and
@@ -37,6 +38,8 @@ async def run_checks(settings: Settings, command: str = "koubou-mcp") -> list[he
         tg.start_soon(codex)
     home = health.check_home(settings)
     database = await anyio.to_thread.run_sync(health.check_database, settings)
+    vacuum = await anyio.to_thread.run_sync(health.check_vacuum, settings) \
+        if database.ok else None
     pool = health.check_supervisor(settings, None)
     # information only: the MCP server starts the pool when a client connects
     summary = pool.summary if pool.data.get("running") else (
@@ -44,7 +47,8 @@ async def run_checks(settings: Settings, command: str = "koubou-mcp") -> list[he
         f"`{command} pool`)")
     pool = health.Check("pool", True, summary, data=pool.data)
     old_home = await anyio.to_thread.run_sync(health.check_old_home, settings, Path.cwd())
-    return [home, database, found["ollama"], found["codex"], pool,
+    return [home, database, *([vacuum] if vacuum is not None else []), found["ollama"],
+            found["codex"], pool,
             *([old_home] if old_home is not None else [])]
 
 

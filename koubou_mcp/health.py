@@ -149,6 +149,40 @@ def check_database(settings: Settings) -> Check:
     return found
 
 
+def check_vacuum(settings: Settings) -> Check | None:
+    """PostgreSQL: whether the server vacuums the task table (None on SQLite, or when the
+    database cannot be opened: ``check_database`` reports that). Every claim and hand-over
+    leaves dead rows behind; with autovacuum off they pile up in the claim's index, and each
+    claim walks past them (a hand-over took 1.1 ms on a fresh table, 2.3 ms 1200 tasks later:
+    docs/benchmarks.md). A warning: the pool works, slower by the day."""
+    if sqlite_path(settings) is not None:
+        return None
+    try:
+        store = open_store(settings.database_url, settings.run_dir, create=False)
+    except StoreError:
+        return None
+    try:
+        setting = queue.autovacuum_setting(store)
+    except Exception:  # a server that does not say: nothing to report
+        return None
+    finally:
+        store.close()
+    return None if setting is None else vacuum_finding(setting)
+
+
+def vacuum_finding(autovacuum: str) -> Check:
+    """``check_vacuum``'s finding for the server's ``autovacuum`` setting."""
+    if autovacuum.strip().lower() in ("on", "true", "1"):
+        return Check("vacuum", True, "autovacuum is on: the task table's dead rows are cleared",
+                     data={"autovacuum": autovacuum})
+    return Check("vacuum", False, "autovacuum is off on this PostgreSQL server",
+                 reason="every task leaves dead rows in task_master; without autovacuum they "
+                        "pile up and each claim gets slower",
+                 fix="turn it on (ALTER SYSTEM SET autovacuum = on; SELECT pg_reload_conf();) "
+                     "or run VACUUM ANALYZE task_master, workers, model_servers regularly "
+                     "(from cron, say)", data={"autovacuum": autovacuum}, optional=True)
+
+
 def sqlite_path(settings: Settings) -> Path | None:
     """The database file of a SQLite URL, or None for PostgreSQL (or an unparsable URL)."""
     try:

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from koubou_mcp.models import TaskSnapshot, TaskStatus, WorkerSnapshot, elapsed_s
 from koubou_mcp.queue.errors import TaskNotFound
 from koubou_mcp.queue.records import task_snapshot, worker_record
-from koubou_mcp.queue.statements import FINAL, NEXT_NOT_BEFORE, READY_COUNT, T
+from koubou_mcp.queue.statements import AUTOVACUUM, FINAL, NEXT_NOT_BEFORE, READY_COUNT, T
 from koubou_mcp.queue.workers import list_workers
 from koubou_mcp.store import Store
 
@@ -215,3 +215,10 @@ def running_task_deadlines(store: Store) -> list[RunningTask]:
                            T.c.first_token_s)
                     .where(T.c.status == TaskStatus.IN_PROGRESS.value))]
 
+
+def autovacuum_setting(store: Store) -> str | None:
+    """The PostgreSQL server's ``autovacuum`` setting (None on SQLite, which has none)."""
+    if not store.is_postgres:
+        return None
+    with store.read() as conn:
+        return str(conn.execute(AUTOVACUUM).scalar_one())

@@ -253,3 +253,7 @@ def _worker_done() -> Any:
 
 
 WORKER_DONE = _worker_done()
+
+
+#: PostgreSQL: whether the server vacuums tables by itself (``health.check_vacuum``)
+AUTOVACUUM = text("SHOW autovacuum")
