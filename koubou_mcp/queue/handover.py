@@ -87,9 +87,8 @@ def complete_and_admit(store: Store, task_id: str, worker_id: str, result: str, 
             done = _in_two_messages(conn, task_id, worker_id, result, now, generated,
                                     observations, max_limit, model_url, claim)
         if done is None:
-            done = _TwoMessages(*_in_statements(
-                conn, store.is_postgres, task_id, worker_id, result, now, generated,
-                observations, max_limit, model_url, claim), unapplied=())
+            done = _in_statements(conn, store.is_postgres, task_id, worker_id, result, now,
+                                  generated, observations, max_limit, model_url, claim)
     if done.raised:
         store.notify_new_work()  # a worker waiting for a slot can take the new one
     if not done.unapplied or model_url is None:
@@ -108,9 +107,8 @@ def complete_and_admit(store: Store, task_id: str, worker_id: str, result: str, 
 def _in_statements(conn: Connection, postgres: bool, task_id: str, worker_id: str,
                    result: str, now: datetime, generated: Generated | None,
                    observations: Sequence[Observation], max_limit: int, model_url: str | None,
-                   claim: NextClaim | None) -> tuple[HandedOver, bool]:
-    """The hand-over one statement at a time (SQLite, and the rarer shapes on PostgreSQL);
-    also whether the server's limit was raised."""
+                   claim: NextClaim | None) -> _Recorded:
+    """The hand-over one statement at a time (SQLite, and the rarer shapes on PostgreSQL)."""
     raised = False
     admitted = None
     # the worker's row is written once: busy with the next task, or idle, counting this one
@@ -130,13 +128,13 @@ def _in_statements(conn: Connection, postgres: bool, task_id: str, worker_id: st
                             completed=int(accepted), idle_if_none=True)
     else:
         mark_worker_done(conn, worker_id, now, completed=accepted)
-    return HandedOver(accepted, admitted), raised
+    return _Recorded(HandedOver(accepted, admitted), raised)
 
 
 def _in_two_messages(conn: Connection, task_id: str, worker_id: str, result: str,
                      now: datetime, generated: Generated | None,
                      observations: Sequence[Observation], max_limit: int, model_url: str,
-                     claim: NextClaim | None) -> _TwoMessages | None:
+                     claim: NextClaim | None) -> _Recorded | None:
     """PostgreSQL: the same transaction in two round trips instead of five
     (``queue.message``): ``BEGIN``, the completion and the server's row, read without a lock;
     then what was learned of the server, written only if no one wrote the row since it was
@@ -194,9 +192,9 @@ def _in_two_messages(conn: Connection, task_id: str, worker_id: str, result: str
         claimed, look = results[len(calls) - 1], results[-1]
         admitted = admitted_from(claimed[0], known) if claimed else None
         nothing_ready = admitted is None and not look_finds_work(look, model_url)
-    return _TwoMessages(HandedOver(accepted, admitted, nothing_ready),
-                        raised=not unapplied and known.limit > before.limit,
-                        unapplied=observations if unapplied else ())
+    return _Recorded(HandedOver(accepted, admitted, nothing_ready),
+                     raised=not unapplied and known.limit > before.limit,
+                     unapplied=observations if unapplied else ())
 
 
 def _keeps_slot(held: list[dict[str, Any]], claim: NextClaim, now: datetime) -> bool:
@@ -214,9 +212,11 @@ def _keeps_slot(held: list[dict[str, Any]], claim: NextClaim, now: datetime) -> 
 
 
 @dataclass(frozen=True)
-class _TwoMessages:
+class _Recorded:
+    """What a hand-over's transaction did, for ``complete_and_admit`` to finish after it."""
+
     handed: HandedOver
     #: the server's limit was raised
     raised: bool
     #: observations not written: the server's row changed between the two messages
-    unapplied: Sequence[Observation]
+    unapplied: Sequence[Observation] = ()
