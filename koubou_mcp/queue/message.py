@@ -29,7 +29,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from koubou_mcp.queue.prepared import OnDriver, Prepared
+from koubou_mcp.queue.prepared import OnDriver, Prepared, returns_rows
 
 #: libpq's "no transaction open" (``psycopg.pq.TransactionStatus.IDLE``)
 _PG_IDLE = 0
@@ -159,9 +159,8 @@ class Messages:
                     cursor.nextset()  # past the COMMIT
                 if index or first:
                     cursor.nextset()
-                description = cursor.description
-                rows = cursor.fetchall() if description is not None else []
-                out.append(statement.convert(rows, statement.result_processors(description)))
+                rows = cursor.fetchall() if returns_rows(cursor) else []
+                out.append(statement.convert(rows, statement.result_processors(cursor)))
         except self._error as exc:
             exc.koubou_sql = sql
             raise

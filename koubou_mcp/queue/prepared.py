@@ -47,6 +47,21 @@ class OnDriver(Protocol):
     def invalidate(self, exception: BaseException | None = None) -> None: ...
 
 
+#: libpq's "the statement returned rows (maybe none)" (``psycopg.pq.ExecStatus.TUPLES_OK``)
+_PG_TUPLES_OK = 2
+
+
+def returns_rows(cursor: Any) -> bool:
+    """Whether the statement ``cursor`` ran returned rows (maybe none), as ``description is
+    not None`` says, without reading ``description`` on PostgreSQL: psycopg builds a column
+    object for every column at every read of it, and a task's row has over forty; that was
+    a sixth of a worker's CPU in a profile of 8 workers (docs/benchmarks.md)."""
+    if not hasattr(cursor, "pgresult"):  # not psycopg (sqlite3 makes its description in C)
+        return cursor.description is not None
+    result = cursor.pgresult
+    return result is not None and (bool(result.nfields) or result.status == _PG_TUPLES_OK)
+
+
 class Prepared:
     """One statement compiled for one dialect: ``sql``, its parameters' order and defaults,
     and the conversions of the values going in and the columns coming out."""
@@ -121,8 +136,8 @@ class Prepared:
         cursor = dbapi_conn.cursor()
         try:
             cursor.execute(self.sql, values)
-            description = cursor.description
-            rows = list(cursor.fetchall()) if description is not None else []
+            rows = list(cursor.fetchall()) if returns_rows(cursor) else []
+            results = self.result_processors(cursor)
         except self.dialect.loaded_dbapi.Error as exc:
             lost = self.dialect.is_disconnect(exc, dbapi_conn, cursor)
             if lost:
@@ -132,15 +147,16 @@ class Prepared:
                                       dialect=self.dialect) from exc
         finally:
             cursor.close()
-        return rows, self.result_processors(description)
+        return rows, results
 
-    def result_processors(self, description: Sequence[Any] | None) -> list[Processor]:
-        """The conversions of the columns the driver described (none for a plain write)."""
-        if self._results is None and description is not None and self.types:
+    def result_processors(self, cursor: Any) -> list[Processor]:
+        """The conversions of the columns of the result ``cursor`` is on (none for a plain
+        write), worked out from the first result that has them."""
+        if self._results is None and self.types and returns_rows(cursor):
             # some conversions depend on the type the driver reports (PostgreSQL numerics);
             # a text statement declares no columns: its rows come as the driver gives them
             self._results = [kind.dialect_impl(self.dialect).result_processor(self.dialect, d[1])
-                             for kind, d in zip(self.types, description, strict=True)]
+                             for kind, d in zip(self.types, cursor.description, strict=True)]
         return self._results or []
 
     def mappings(self, conn: OnDriver, params: Mapping[str, Any]) -> list[dict[str, Any]]:

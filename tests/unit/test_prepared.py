@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 from koubou_mcp import queue
 from koubou_mcp.config import Settings
 from koubou_mcp.models import FINAL_STATUSES, TaskStatus, utcnow
-from koubou_mcp.queue.prepared import prepared
+from koubou_mcp.queue.prepared import prepared, returns_rows
 from koubou_mcp.queue.statements import (
     ANY_READY,
     IN_FLIGHT,
@@ -44,6 +44,39 @@ def test_a_claim_returns_the_row_sqlalchemy_reads_back(store: Store, settings: S
     with store.read() as conn:
         assert prepared(IN_FLIGHT, conn).scalar(conn, {"p_url": "http://m", "p_now": now}) == 1
         assert prepared(ANY_READY, conn).execute(conn, {"p_now": now}) == []
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT 1 AS one",  # a row
+    "SELECT 1 AS one WHERE 1 = 0",  # no rows, but a result with columns
+    "UPDATE workers SET status = status",  # a write: no result
+    "UPDATE workers SET status = status RETURNING worker_id",  # no rows, with columns
+    "INSERT INTO koubou_meta (key, value) VALUES ('probe', 'x') RETURNING key",  # a row written
+    "DELETE FROM koubou_meta WHERE key = 'probe'",
+])
+def test_returns_rows_says_what_the_drivers_description_says(store: Store, sql: str) -> None:
+    # the hot path reads psycopg's result status instead of its costly ``description``
+    with store.write() as conn:
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        cursor = dbapi.cursor()
+        cursor.execute(sql)
+        assert returns_rows(cursor) is (cursor.description is not None)
+        cursor.close()
+
+
+def test_returns_rows_follows_each_result_of_a_message_of_several(pg_url: str) -> None:
+    with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as conn:
+        cursor = psycopg.ClientCursor(conn)
+        cursor.execute("BEGIN; SELECT 1 AS a; SET LOCAL work_mem = '8MB'; "
+                       "SELECT 1 AS b WHERE false; COMMIT")
+        seen = []
+        while True:
+            seen.append((returns_rows(cursor), cursor.description is not None))
+            if not cursor.nextset():
+                break
+        assert seen == [(False, False), (True, True), (False, False), (True, True),
+                        (False, False)]
 
 
 def test_a_constant_list_is_expanded_into_parameters(store: Store, settings: Settings) -> None:
